@@ -12,7 +12,8 @@ from .configs import FLAVOURS, CLIPConfig, DiTConfig, Flavour, T5Config, VAEConf
 from .loading import WeightsError
 
 _LAZY = {
-    "load_transformer": "wan_model.transformer",
+    "load_transformer": "wan_model.dit_io",
+    "save_transformer": "wan_model.dit_io",
     "WanModel": "wan_model.transformer",
     "load_vae": "wan_model.vae",
     "WanVAE": "wan_model.vae",

@@ -86,6 +86,7 @@ class _SafetensorsFile:
             raise WeightsError(f"{path}: truncated: the header promises {8 + header_len + end} bytes "
                                f"but the file has {size}; download it again")
         self._keys = keys
+        self._header_len = header_len
         self._meta = header.get("__metadata__") or {}
         self._header = header
 
@@ -98,7 +99,23 @@ class _SafetensorsFile:
         return dict(self._meta)
 
     def get(self, name):
-        return self._f.get_tensor(name)
+        # Read the bytes straight into a fresh tensor (no mmap), so the page cache does not count
+        # toward this process's memory and a converted copy can replace it at once.
+        h = self._header[name]
+        start, end = h["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        with self.path.open("rb", buffering=0) as fh:
+            fh.seek(8 + self._header_len + start)
+            got = 0
+            while got < len(view):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise WeightsError(f"{self.path}: file ended inside tensor {name!r}; it is "
+                                       "truncated: download it again")
+                got += n
+        dtype = _ST_DTYPES[h["dtype"]]
+        return buf.view(dtype).reshape(h["shape"])
 
 
 class _PthFile:
