@@ -220,3 +220,19 @@ def test_bf16_close_to_float32(tmp_path, tokenizer_dir):
         assert h.dtype == torch.bfloat16 and h.shape == f.shape
         rel = ((h.float() - f).norm() / f.norm()).item()
         assert rel < 0.05, rel
+
+
+def test_tokenizer_folder_variants_agree(tokenizer_dir, tmp_path):
+    import shutil
+
+    only_spm = tmp_path / "spm"
+    only_spm.mkdir()
+    shutil.copy(tokenizer_dir / "spiece.model", only_spm)
+    saved = tmp_path / "saved"
+    load_tokenizer(tokenizer_dir).save_pretrained(str(saved))
+    only_json = tmp_path / "json"
+    only_json.mkdir()
+    shutil.copy(saved / "tokenizer.json", only_json)
+    text = "A drone glides above a frozen river. 色调艳丽"
+    ids = [load_tokenizer(d)(text)["input_ids"] for d in (tokenizer_dir, only_spm, saved, only_json)]
+    assert ids[0][-1] == 1 and all(i == ids[0] for i in ids)
