@@ -237,4 +237,5 @@ def load_clip_vision(path: str | os.PathLike, dtype: torch.dtype = torch.float16
     check_keys(expected_shapes(model), official_shapes, str(path), COMPONENT)
     assign_weights(model, _RecipeSource(source, recipe, str(path)), {n: n for n in recipe},
                    dtype=dtype, device=device)
+    source.close()
     return CLIPVision(model)
