@@ -191,3 +191,27 @@ def detect_format(families: set[str], has_alpha: bool) -> str:
     if families == {"bare-peft"}:
         return "diffsynth"
     return "mixed(" + ",".join(sorted(families)) + ")"
+
+
+# -- base model state dicts ----------------------------------------------------------------------
+def official_dit_names(keys) -> dict[str, str]:
+    """Keys of a DiT checkpoint in any layout (official, `model.diffusion_model.` single file,
+    diffusers) -> {file key: official key}. Raises KeyError naming keys that fit no layout."""
+    from .convert import is_diffusers_dit
+
+    keys = list(keys)
+    out = {}
+    for k in keys:
+        for prefix in ("model.diffusion_model.", "diffusion_model."):
+            if k.startswith(prefix):
+                out[k] = k[len(prefix):]
+                break
+        else:
+            out[k] = k
+    if is_diffusers_dit(out.values()):
+        mapped = {k: dit_name_from_diffusers(v) for k, v in out.items()}
+        bad = sorted(k for k, v in mapped.items() if v is None)
+        if bad:
+            raise KeyError(f"{len(bad)} keys are not diffusers transformer keys: {bad[:5]}")
+        return mapped
+    return out
