@@ -1,0 +1,245 @@
+"""The training loop: setup, then one `while` that steps, logs, previews and checkpoints."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from data.dataset import BucketBatchSampler, CachedDataset, collate
+from wan_model import attention
+from wan_model.dit_io import load_transformer
+
+from . import adapters, checkpoint, export
+from .config import Recipe, to_yaml
+from .data_prep import prepare_cache
+from .objective import flow_loss, noisy_input, sample_sigmas
+from .optim import build_optimizer, build_scheduler
+from .tracking import Tracker, check_finite
+
+BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+
+
+def make_accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = []
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # CPU worlds of several processes need gloo (else each rank believes it is alone)
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    mp = "bf16" if recipe.train.mixed_precision == "bf16" else "no"
+    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=recipe.train.grad_accum,
+                       kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int, device) -> tuple:
+    """Generators for one micro-batch, derived from (seed, step, micro, rank) alone: a resumed run
+    draws exactly the noise, timesteps and caption dropout an uninterrupted one would."""
+    s = (seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**63 - 1)
+    host = torch.Generator().manual_seed(s)
+    dev = torch.Generator(device=device).manual_seed(s) if torch.device(device).type != "cpu" else host
+    return host, dev
+
+
+def build_model(recipe: Recipe, device):
+    base = BASE_DTYPES[recipe.train.base_dtype] if recipe.train.mode == "lora" else torch.float32
+    model = load_transformer(recipe.model.resolve("transformer"), dtype=base, device=device,
+                             flavour=recipe.model.flavour or None)
+    if recipe.train.mode == "lora" and recipe.train.base_dtype == "fp8":
+        from wan_model.fp8 import quantize_linears_
+
+        quantize_linears_(model)
+    attention.set_backend(recipe.train.attention_backend)
+    model.gradient_checkpointing = recipe.train.gradient_checkpointing
+    model.checkpoint_offload = recipe.train.checkpoint_offload
+    if recipe.train.mode == "lora":
+        targets = adapters.add_lora(model, recipe.lora)
+    else:
+        targets = adapters.select_full(model, recipe.full)
+    if recipe.train.block_swap:
+        from wan_model.block_swap import enable_block_swap
+
+        enable_block_swap(model, recipe.train.block_swap, device)
+    if recipe.train.compile:
+        for block in model.blocks:
+            block.compile()
+    model.train()
+    return model, targets
+
+
+def trained_tensors(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def compute_loss(model, batch, recipe: Recipe, empty_context, host_g, dev_g, device):
+    t = recipe.train
+    latents = batch["latents"].to(device, non_blocking=True)
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=dev_g, device=device, dtype=latents.dtype)
+    s = sample_sigmas(t.timestep, b, host_g, device)
+    drop = (torch.rand(b, generator=host_g) < t.caption_dropout).tolist()
+    context = [(empty_context if d else c).to(device, non_blocking=True)
+               for c, d in zip(batch["context"], drop)]
+    x_s, target = noisy_input(latents, noise, s)
+    extra = {}
+    if "clip_fea" in batch:
+        extra = {"clip_fea": batch["clip_fea"].to(device), "y": batch["y"].to(device)}
+    pred = model(x_s, s * 1000.0, context, **extra)
+    return flow_loss(pred, target, s, t.timestep.loss_weighting)
+
+
+def train(recipe: Recipe) -> dict:
+    acc = make_accelerator(recipe)
+    device = acc.device
+    out_dir = Path(recipe.run.output_dir)
+    recipe_yaml = to_yaml(recipe)
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "recipe.yaml").write_text(recipe_yaml)
+        if recipe.demo.enabled:
+            from .demo import prepare_demo
+
+            prepare_demo(recipe.demo)
+    acc.wait_for_everyone()
+
+    settings, summary = prepare_cache(recipe, acc)
+    dataset = CachedDataset(recipe.data.cache_dir, expected_settings=settings)
+    sampler = BucketBatchSampler(dataset.buckets, recipe.data.batch_size, seed=recipe.data.seed,
+                                 rank=acc.process_index, world=acc.num_processes, with_position=True)
+
+    model, targets = build_model(recipe, device)
+    ema = (adapters.EMA(trained_tensors(model), recipe.full.ema_decay)
+           if recipe.train.mode == "full" and recipe.full.ema else None)
+    optimizer = build_optimizer(model.parameters(), recipe.train.optim, device.type)
+    scheduler = build_scheduler(optimizer, recipe.train.optim, recipe.train.max_steps)
+    dit_cfg = model.cfg
+    model, optimizer = acc.prepare(model, optimizer)
+
+    step, sampler_state = 0, None
+    resume_from = checkpoint.find_resume(recipe.checkpoint.resume, out_dir)
+    if resume_from is not None:
+        state = checkpoint.load_checkpoint(resume_from)
+        missing = set(trained_tensors(acc.unwrap_model(model))) - set(state["trained"])
+        if missing:
+            raise ValueError(f"{resume_from}: the checkpoint lacks {len(missing)} trained tensors "
+                             f"(e.g. {sorted(missing)[:3]}); was it made with other lora/full settings?")
+        acc.unwrap_model(model).load_state_dict(state["trained"], strict=False)
+        optimizer.load_state_dict(state["state"]["optimizer"])
+        scheduler.load_state_dict(state["state"]["scheduler"])
+        checkpoint.set_rng_state(state["state"]["rng"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
+        step = int(state["trainer"]["step"])
+        sampler.load_state_dict(state["trainer"]["sampler"])
+        acc.print(f"resumed from {resume_from} at step {step}")
+
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=0, pin_memory=device.type == "cuda")
+    empty = dataset.empty_context
+    tracker = Tracker(recipe, {"yaml": recipe_yaml, "config": json.loads(json.dumps(
+        _plain(recipe), default=str))}, acc.is_main_process, step)
+    previews = _previewer(recipe, acc, model, out_dir)
+    if previews and recipe.validation.at_start and step == 0:
+        tracker.log_videos(step, previews.render(step))
+        tracker.reset_clock()
+
+    losses: list[float] = []
+    batches = iter(loader)
+    t_start = time.perf_counter()
+    while step < recipe.train.max_steps:
+        total = torch.zeros((), device=device)
+        for micro in range(recipe.train.grad_accum):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                batch = next(batches)
+            sampler_state = batch.pop("sampler_state")
+            host_g, dev_g = step_generator(recipe.run.seed, step, micro, acc.process_index, device)
+            with acc.accumulate(model):
+                loss = compute_loss(model, batch, recipe, empty, host_g, dev_g, device)
+                acc.backward(loss)
+                if acc.sync_gradients and recipe.train.optim.max_grad_norm > 0:
+                    acc.clip_grad_norm_(model.parameters(), recipe.train.optim.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            total += loss.detach() / recipe.train.grad_accum
+        scheduler.step()
+        step += 1
+        if ema is not None:
+            ema.update(trained_tensors(acc.unwrap_model(model)))
+        log_now = step % recipe.train.log_every == 0 or step == recipe.train.max_steps
+        must_check = log_now or step % recipe.checkpoint.every == 0
+        value = float("nan")
+        if must_check:  # the only host sync of a step, and only at these intervals
+            value = acc.reduce(total, reduction="mean").item()
+            check_finite(value, step)
+            losses.append(value)
+        tracker.step(step, value, scheduler.get_last_lr()[0], log_now)
+        if step % recipe.checkpoint.every == 0 or step == recipe.train.max_steps:
+            _save(recipe, acc, model, optimizer, scheduler, ema, sampler_state, step, recipe_yaml,
+                  dit_cfg, summary)
+            tracker.reset_clock()
+        if previews and recipe.validation.every and step % recipe.validation.every == 0:
+            tracker.log_videos(step, previews.render(step))
+            tracker.reset_clock()
+    if previews and recipe.validation.at_end and not (
+            recipe.validation.every and step % recipe.validation.every == 0):
+        tracker.log_videos(step, previews.render(step))
+    exported = _export(recipe, acc, model, ema, dit_cfg, step, summary)
+    elapsed = time.perf_counter() - t_start
+    tracker.close()
+    result = {"step": step, "losses": losses, "exported": [str(p) for p in exported],
+              "seconds": elapsed, "step_times": tracker.step_times}
+    acc.wait_for_everyone()
+    del model, optimizer, loader, batches
+    acc.free_memory()
+    gc.collect()
+    acc.end_training()
+    return result
+
+
+def _plain(recipe: Recipe) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True)
+
+
+def _previewer(recipe: Recipe, acc, model, out_dir: Path):
+    v = recipe.validation
+    if not (v.prompts or v.prompts_file) or not acc.is_main_process:
+        return None
+    from .validation import Previewer
+
+    return Previewer(recipe, acc, model, out_dir / "samples")
+
+
+def _save(recipe, acc, model, optimizer, scheduler, ema, sampler_state, step, recipe_yaml, dit_cfg, summary):
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(model)
+        path = checkpoint.save_checkpoint(
+            recipe.run.output_dir, step, trained_tensors(unwrapped), optimizer, scheduler,
+            sampler_state, recipe_yaml, ema=ema.state_dict() if ema else None,
+            keep_last=recipe.checkpoint.keep_last)
+        if recipe.export.every_checkpoint:
+            _export(recipe, acc, model, ema, dit_cfg, step, summary, path / "export")
+    acc.wait_for_everyone()
+
+
+def _export(recipe, acc, model, ema, dit_cfg, step, summary, folder: Path | None = None) -> list[Path]:
+    if not acc.is_main_process:
+        return []
+    folder = folder or Path(recipe.run.output_dir) / "export"
+    unwrapped = acc.unwrap_model(model)
+    if recipe.train.mode == "lora":
+        return export.export_lora(recipe, unwrapped, dit_cfg, folder, step, summary,
+                                  adapters.lora_state_dict(unwrapped))
+    sd = {k: v.detach() for k, v in unwrapped.state_dict().items()}
+    if ema is not None:
+        sd.update(ema.state_dict())
+    return export.export_full(recipe, sd, dit_cfg, folder)

@@ -1,0 +1,77 @@
+"""Progress bar and trackers (TensorBoard, wandb) for the main process."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+
+class Tracker:
+    def __init__(self, recipe, recipe_dict: dict, enabled: bool, start_step: int):
+        self.enabled = enabled
+        self.tb = None
+        self.wandb = None
+        self.bar = None
+        self.t_last = time.perf_counter()
+        self.step_times: list[float] = []
+        if not enabled:
+            return
+        out = Path(recipe.run.output_dir)
+        name = recipe.run.name or out.name
+        if recipe.tracking.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "logs"))
+            self.tb.add_text("recipe", "```\n" + recipe_dict["yaml"] + "\n```", start_step)
+        if recipe.tracking.wandb:
+            import wandb
+
+            self.wandb = wandb.init(project=recipe.tracking.project, name=name, dir=str(out),
+                                    config=recipe_dict["config"], resume="allow")
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=recipe.train.max_steps, initial=start_step, desc="train", unit="step",
+                        dynamic_ncols=True)
+
+    def step(self, step: int, loss: float, lr: float, log: bool) -> None:
+        now = time.perf_counter()
+        self.step_times.append(now - self.t_last)
+        self.t_last = now
+        if not self.enabled:
+            return
+        sps = self.step_times[-1]
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_step=f"{sps:.2f}")
+        if log:
+            metrics = {"train/loss": loss, "train/lr": lr, "train/s_per_step": sps}
+            if self.tb:
+                for k, v in metrics.items():
+                    self.tb.add_scalar(k, v, step)
+            if self.wandb:
+                self.wandb.log(metrics, step=step)
+
+    def log_videos(self, step: int, paths: list[Path]) -> None:
+        if self.wandb and paths:
+            import wandb
+
+            self.wandb.log({"validation": [wandb.Video(str(p), caption=p.stem) for p in paths]}, step=step)
+
+    def reset_clock(self) -> None:
+        """After a preview or checkpoint, so its time is not charged to the next step."""
+        self.t_last = time.perf_counter()
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"loss is {loss} at step {step}: training stopped and no checkpoint was written from "
+            "this state. Lower train.optim.lr, keep train.optim.max_grad_norm on, or resume from "
+            "the last good step-N/ with checkpoint.resume=latest")
