@@ -149,7 +149,8 @@ def load_prompts_file(path: str | Path) -> list[PromptSpec]:
     """Read prompts: a text file (one prompt per line; blank lines and '#' comments skipped) or
     YAML (.yaml/.yml): a list whose items are prompt strings or mappings with `prompt` and
     optional overrides `negative_prompt, size (WxH) or width+height, frames, seed, guidance,
-    steps, shift, image, name`. A mapping with a `prompts:` list is accepted too."""
+    steps, shift, image (relative to the file's folder), name`. A mapping with a `prompts:`
+    list is accepted too."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
@@ -172,7 +173,10 @@ def load_prompts_file(path: str | Path) -> list[PromptSpec]:
                 item = {"prompt": item}
             if not isinstance(item, dict):
                 raise ValueError(f"{where}: expected a string or a mapping, got {item!r}")
-            specs.append(_spec_from_dict(item, where))
+            spec = _spec_from_dict(item, where)
+            if spec.image and not Path(spec.image).is_absolute():
+                spec.image = str(path.parent / spec.image)  # relative to the prompts file
+            specs.append(spec)
     if not specs:
         raise ValueError(f"prompts file {path} holds no prompts")
     return specs
@@ -344,15 +348,16 @@ class WanSampler:
 
     @property
     def task(self) -> str:
-        config = getattr(self.transformer, "config", None)
+        config = getattr(self.transformer, "cfg", None) or getattr(self.transformer, "config", None)
         model_type = getattr(config, "model_type", None)
         return model_type if model_type in ("t2v", "i2v") else ("i2v" if self.clip else "t2v")
 
     @classmethod
-    def load(cls, paths, *, device="cpu", dtype=torch.float32, clip: bool | None = None):
-        """Load every component from a `wan_model.paths.ModelPaths`. The DiT weights are
-        loaded in `dtype` (and run under autocast in it); the VAE stays float32 as in the
-        official code; CLIP is loaded when `clip` is True or (None) when the DiT is I2V."""
+    def load(cls, paths, *, device="cpu", dtype=torch.bfloat16, clip: bool | None = None):
+        """Load every component from a `wan_model.paths.ModelPaths`. The DiT and text encoder
+        weights are loaded in `dtype` (the DiT computes in its weights' dtype, with its float32
+        islands); the VAE stays float32 as in the official code; CLIP (float16 on a GPU) is
+        loaded when `clip` is True or, with None, when the DiT is an I2V one."""
         import wan_model
 
         transformer = wan_model.load_transformer(paths.resolve("transformer"), dtype=dtype,
@@ -361,13 +366,12 @@ class WanSampler:
         vae = wan_model.load_vae(paths.resolve("vae"), dtype=torch.float32, device=device)
         text_encoder = wan_model.load_text_encoder(
             paths.resolve("text_encoder"), paths.resolve("tokenizer"), dtype=dtype, device=device)
-        is_i2v = getattr(getattr(transformer, "config", None), "model_type", "t2v") == "i2v"
-        clip_model = None
-        if clip or (clip is None and is_i2v):
-            clip_model = wan_model.load_clip_vision(paths.resolve("clip"), dtype=dtype,
-                                                    device=device)
-        return cls(transformer, vae, text_encoder, clip_model, device=device,
-                   dtype=None if dtype == torch.float32 else dtype)
+        sampler = cls(transformer, vae, text_encoder, None, device=device)
+        if clip or (clip is None and sampler.task == "i2v"):
+            clip_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+            sampler.clip = wan_model.load_clip_vision(paths.resolve("clip"), dtype=clip_dtype,
+                                                      device=device)
+        return sampler
 
     def encode_prompts(self, prompts: Sequence[str]) -> list[torch.Tensor]:
         """[L_i, dim] embeddings, from the cache or encoded now (all missing ones at once)."""
@@ -379,7 +383,7 @@ class WanSampler:
                                    "prompt (and negative prompt) first")
             with torch.no_grad():
                 for text, emb in zip(missing, self.text_encoder.encode(missing)):
-                    self._embeddings[text] = emb.detach()
+                    self._embeddings[text] = emb.detach().clone()  # not a view of the padded batch
         return [self._embeddings[p] for p in prompts]
 
     def release_text_encoder(self) -> None:
