@@ -173,19 +173,22 @@ def lora_from_peft(peft_state_dict: dict[str, torch.Tensor], alpha: float | None
 
 
 # -- writing -------------------------------------------------------------------------------------
-_ABS_PATH = re.compile(r"^(?:/|~|[A-Za-z]:[\\/]|\\\\)")
+# An absolute path (POSIX, home-relative or Windows) standing alone or inside a longer text.
+_ABS_PATH = re.compile(r"(?<![\w:/.\\])(?:~?/|[A-Za-z]:[\\/]|\\\\)[^\s'\",;)\]}]+")
+
+
+def scrub_paths(text: str) -> str:
+    """Replace every absolute path in `text` by its last component (`/home/me/data/x` -> `x`)."""
+    def last(m: re.Match) -> str:
+        parts = [p for p in re.split(r"[\\/]+", m.group(0)) if p not in ("", "~")]
+        return parts[-1] if parts else "<redacted>"
+
+    return _ABS_PATH.sub(last, text)
 
 
 def scrub_metadata(metadata: dict) -> dict[str, str]:
-    """Stringify values and replace absolute paths by their file name (a file never tells where
-    it was made)."""
-    out = {}
-    for k, v in metadata.items():
-        v = str(v)
-        if _ABS_PATH.match(v.strip()):
-            v = Path(v.strip().replace("\\", "/")).name
-        out[str(k)] = v
-    return out
+    """Stringify values and drop absolute paths (a shared file never tells where it was made)."""
+    return {str(k): scrub_paths(str(v)) for k, v in metadata.items()}
 
 
 def lora_state_dict(lora: Lora, format: str = "wantune") -> dict[str, torch.Tensor]:
