@@ -9,7 +9,7 @@ from tests.test_lora_formats import random_lora
 from wan_model.configs import get_flavour
 from wan_model.convert import dit_from_diffusers, dit_name_to_diffusers, dit_to_diffusers
 from wan_model.lora import (LoraError, apply_loras, extract_lora, lora_from_peft, merge_into_state_dict,
-                            merge_weight, read_lora, remove_loras, write_lora)
+                            merge_weight, remove_loras, write_lora)
 from wan_model.loading import open_weights, save_safetensors_atomic
 
 

@@ -20,9 +20,10 @@ from .lora_formats import (BAKED_ALPHA_FORMATS, FORMATS, detect_format, format_k
                            is_linear_module, module_kind, parse_key)
 from .loading import save_safetensors_atomic
 
-__all__ = ["LoraWeights", "Lora", "LoraError", "read_lora", "write_lora", "lora_from_peft",
-           "lora_metadata", "merge_weight", "merge_into_state_dict", "apply_loras", "remove_loras",
-           "extract_lora", "inspect", "FORMATS"]
+__all__ = ["LoraWeights", "Lora", "LoraError", "read_lora", "write_lora", "lora_state_dict",
+           "lora_from_peft", "lora_metadata", "merge_weight", "merge_into_state_dict",
+           "check_all_applied", "apply_loras", "remove_loras", "extract_lora", "inspect",
+           "scrub_paths", "scrub_metadata", "FORMATS"]
 
 
 class LoraError(ValueError):
@@ -445,9 +446,4 @@ def inspect(lora: Lora) -> dict:
         "unknown_keys": lora.unknown,
         "parameters": sum(w.down.numel() + w.up.numel() for w in ws.values()),
     }
-
-
-def diffusers_state_dict(lora: Lora) -> dict[str, torch.Tensor]:
-    """The LoRA keyed as diffusers' `WanTransformer3DModel.load_lora_adapter` expects."""
-    return lora_state_dict(lora, "diffusers")
 
