@@ -234,9 +234,9 @@ def i2v_condition(vae, clip, image, frames: int, height: int, width: int):
 
 
 def _module_device(module) -> torch.device:
-    for attr in ("device",):
-        if isinstance(getattr(module, attr, None), torch.device):
-            return module.device
+    """The device of an nn.Module or of a wrapper with a `.device` (TextEncoder, CLIPVision)."""
+    if isinstance(getattr(module, "device", None), torch.device):
+        return module.device
     try:
         return next(module.parameters()).device
     except (AttributeError, StopIteration):
