@@ -357,3 +357,36 @@ def test_loading_errors_name_the_problem(vae, tmp_path):
     save_torch_atomic(sd, tmp_path / "shape.pth")
     with pytest.raises(WeightsError, match=r"shape mismatches: conv2\.weight"):
         load_vae(tmp_path / "shape.pth")
+
+
+# -- GPU --------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_tiling_lowers_peak_memory_at_480p_real_config():
+    import time
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = WanVAE(VAEConfig()).to(torch.bfloat16).eval()
+    video = _video(frames=17, h=480, w=832).cuda()
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, (torch.cuda.max_memory_allocated() - base) / 2**30, time.perf_counter() - start
+
+    z, enc_gib, enc_s = peak(lambda: model.encode(video))
+    zt, enc_tiled_gib, enc_tiled_s = peak(lambda: model.encode(video, tile=(256, 64)))
+    x, dec_gib, dec_s = peak(lambda: model.decode(z))
+    xt, dec_tiled_gib, dec_tiled_s = peak(lambda: model.decode(z, tile=(256, 64)))
+    print(f"\n480x832x17 bf16: encode {enc_gib:.2f} GiB {enc_s:.2f}s, tiled {enc_tiled_gib:.2f} GiB "
+          f"{enc_tiled_s:.2f}s; decode {dec_gib:.2f} GiB {dec_s:.2f}s, tiled {dec_tiled_gib:.2f} GiB "
+          f"{dec_tiled_s:.2f}s")
+    assert z.shape == zt.shape == (1, 16, 5, 60, 104) and x.shape == xt.shape == video.shape
+    assert torch.isfinite(zt).all() and torch.isfinite(xt).all()
+    assert enc_tiled_gib < 0.7 * enc_gib and dec_tiled_gib < 0.7 * dec_gib
