@@ -1,0 +1,76 @@
+"""tools/cache.py end to end with a tiny random I2V model in the official layout: the cached
+tensors equal what the real wan_model encoders give for the same frames, and a second run
+encodes nothing."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data.cache import cache_settings, conditioning_is_i2v, first_frame_condition, model_identity
+from data.cache_files import read_manifest
+from data.dataset import CachedDataset
+from data.decode import read_frames, resize_crop, to_model_range
+from data.recipe import load_data_recipe
+from tests.media import write_image, write_video
+from tools import cache as cache_tool
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from wan_model.random_weights import write_random_checkpoint
+
+    tmp = tmp_path_factory.mktemp("tool")
+    write_random_checkpoint(tmp / "model", "tiny-i2v", log=lambda *a: None)
+    clips = tmp / "clips"
+    clips.mkdir()
+    write_video(clips / "walk.mp4", 12, 24)  # 12 frames at 24 fps -> 8 at 16 fps -> 5-frame bucket
+    write_image(clips / "still.png", 48, 64)
+    (clips / "walk.txt").write_text("a person walking")
+    (clips / "still.txt").write_text("a still")
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(f"model: {{root: {tmp / 'model'}}}\n"
+                      f"data:\n  sources: [{{path: {clips}}}]\n  areas: [[64, 48]]\n"
+                      f"  frame_buckets: [1, 5]\n  num_workers: 0\n  cache_dir: {tmp / 'cache'}\n")
+    return tmp, recipe
+
+
+def test_cache_tool_matches_the_model_encoders_and_is_incremental(setup, capsys):
+    from wan_model import load_clip_vision, load_text_encoder, load_vae
+
+    tmp, recipe = setup
+    assert cache_tool.main([str(recipe), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Dataset report" in out and "2 clips and 3 captions encoded" in out and "i2v" in out
+
+    r = load_data_recipe(str(recipe))
+    assert conditioning_is_i2v(r.data, r.model)
+    settings = cache_settings(r.data, model_identity(r.model, True), True)
+    ds = CachedDataset(r.data.cache_dir, settings)
+    manifest = read_manifest(r.data.cache_dir)
+    walk = next(e for e in manifest["items"] if e["source"].endswith("walk.mp4"))
+    assert walk["bucket"] == [64, 48, 5]
+    got = load_file(str(ds.cache_dir / walk["file"]))
+
+    root = tmp / "model"
+    vae = load_vae(root / "Wan2.1_VAE.pth")
+    frames = [0, 2, 3, 5, 6]  # 16 fps timeline from 24 fps
+    video = to_model_range(resize_crop(read_frames(tmp / "clips" / "walk.mp4", frames, "decord"), 64, 48))[None]
+    want = vae.encode(video)
+    assert got["latents"].shape == (16, 2, 6, 8)
+    torch.testing.assert_close(got["latents"], want[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got["y"], first_frame_condition(vae, video)[0], rtol=0, atol=1e-5)
+    clip = load_clip_vision(root / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", dtype=torch.float32)
+    torch.testing.assert_close(got["clip_fea"], clip.encode(video[:, :, 0])[0], rtol=0, atol=1e-5)
+    t5 = load_text_encoder(root / "models_t5_umt5-xxl-enc-bf16.pth", root / "google" / "umt5-xxl")
+    context = load_file(str(ds.cache_dir / walk["text_file"]))["context"]
+    torch.testing.assert_close(context, t5.encode(["a person walking"])[0].to(torch.bfloat16))
+    torch.testing.assert_close(ds.empty_context, t5.encode([""])[0].to(torch.bfloat16))
+
+    assert cache_tool.main([str(recipe), "--no-progress"]) == 0
+    assert "0 clips and 0 captions encoded, 2 clips already cached" in capsys.readouterr().out
+
+
+def test_cache_tool_exit_status(setup, tmp_path, capsys):
+    tmp, recipe = setup
+    assert cache_tool.main([str(recipe), "data.cache_dir="]) == 2
+    assert cache_tool.main([str(recipe), f"data.sources=[{{path: {tmp_path}}}]", "--no-progress"]) == 1
+    assert "nothing usable" in capsys.readouterr().err

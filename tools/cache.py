@@ -1,0 +1,78 @@
+"""Cache a recipe's corpus: VAE latents and text embeddings (and CLIP features + first-frame
+latents for I2V), incrementally.
+
+    python tools/cache.py RECIPE.yaml [key=value ...]
+    accelerate launch tools/cache.py RECIPE.yaml      # several GPUs split the clips
+
+Prints the dataset report first. Re-running encodes only new or changed clips and captions;
+a settings change rebuilds what it affects; an interrupted run continues where it stopped.
+Exit status: 0 when the cache holds usable samples, 1 when nothing could be cached, 2 when the
+recipe is wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
+
+from data.cache import build_cache, conditioning_is_i2v, model_encoders  # noqa: E402
+from data.cache_files import read_probes  # noqa: E402
+from data.plan import scan  # noqa: E402
+from data.recipe import load_recipe_for_tools  # noqa: E402
+from data.report import format_report  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="recipe YAML")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.num_workers=8")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe_for_tools(args.recipe, args.overrides)
+        cfg = recipe.data
+        problems = recipe.model.problems() + ([] if cfg.cache_dir else [
+            "data.cache_dir is empty: set it to the folder the cache is written to"])
+        if problems:
+            raise ValueError("\n  - ".join([f"{args.recipe}:"] + problems))
+        i2v = conditioning_is_i2v(cfg, recipe.model)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from accelerate import PartialState
+
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+    media = Path(cfg.cache_dir) / "media"
+    if rank == 0:  # rank 0 probes every file; the others reuse its probe results
+        plan = scan(cfg, known=read_probes(cfg.cache_dir), progress=not args.no_progress, media_dir=media)
+        report = format_report(plan)
+        print(report, flush=True)
+        Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.cache_dir) / "report.txt").write_text(report + "\n")
+        if world > 1:
+            from data.cache import write_probes
+            write_probes(plan)
+    state.wait_for_everyone()
+    if rank != 0:
+        plan = scan(cfg, known=read_probes(cfg.cache_dir), progress=False, media_dir=media)
+    if not plan.items:
+        print("nothing usable to cache (see the report above)", file=sys.stderr)
+        return 1
+    encoders = model_encoders(recipe.model, cfg, i2v, state.device)
+    run = build_cache(plan, encoders, i2v, rank, world, progress=not args.no_progress,
+                      barrier=state.wait_for_everyone)
+    tag = f"rank {rank}: " if world > 1 else ""
+    print(f"{tag}{run.items_encoded} clips and {run.texts_encoded} captions encoded, "
+          f"{run.items_reused} clips already cached, {run.seconds:.1f} s "
+          f"({'t2v' if not i2v else 'i2v'}, cache {cfg.cache_dir})")
+    for failure in run.failures:
+        print(f"{tag}FAILED {failure}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
