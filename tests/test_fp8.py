@@ -1,0 +1,122 @@
+"""fp8 (e4m3, per-row scales) frozen base weights: accuracy, module names, LoRA on top."""
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from train.adapters import add_lora
+from train.config import LoraConfig
+from wan_model.configs import FLAVOURS
+from wan_model.fp8 import FP8_DTYPE, FP8Linear, dequantize_rows, quantize_linears_, quantize_rows
+from wan_model.transformer import WanModel
+
+CFG = replace(FLAVOURS["tiny-t2v"].dit, num_layers=2)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 3, 8, 8, generator=g)
+    ctx = torch.randn(1, 7, CFG.text_dim, generator=g)
+    return x, torch.tensor([700.0]), ctx
+
+
+def test_quantize_rows_error_and_row_max():
+    w = torch.randn(64, 96) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different size
+    q, scale = quantize_rows(w)
+    assert q.dtype == FP8_DTYPE and scale.shape == (64,)
+    back = dequantize_rows(q, scale, torch.float32)
+    # each row's largest magnitude maps to the top of the e4m3 range, so it comes back exactly
+    # up to the float32 rounding of the scale
+    torch.testing.assert_close(back.abs().amax(1), w.abs().amax(1), rtol=1e-6, atol=0)
+    # e4m3 keeps 3 mantissa bits: relative rounding error <= 2^-4 for values in the normal range
+    big = w.abs() > w.abs().amax(1, keepdim=True) * 2**-6
+    err = ((back - w).abs() / w.abs())[big]
+    assert err.max() <= 2**-4 + 1e-6
+    assert 0.005 < rel(back, w) < 0.05  # really quantised, and not badly
+
+
+def test_fp8_linear_matches_bf16_linear_and_input_grad():
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64).requires_grad_(False)
+    f8 = FP8Linear.from_linear(lin)
+    assert isinstance(f8, nn.Linear) and f8.weight.dtype == FP8_DTYPE and not f8.weight.requires_grad
+    x = torch.randn(4, 10, 128, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        ref = lin(x)
+        out = f8(x)
+    assert out.dtype == torch.bfloat16
+    assert rel(out, ref) < 0.04
+    # backward: input grad equals the grad through the dequantised weight
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g)
+    expect = g @ f8.dequantized_weight(torch.bfloat16)
+    torch.testing.assert_close(gx, expect.to(gx.dtype), rtol=0, atol=0)
+    # without autocast it computes in the input dtype
+    assert f8(x.detach()).dtype == torch.float32
+
+
+def test_quantised_wan_model_close_to_bf16_and_keys_kept():
+    torch.manual_seed(0)
+    model = WanModel(CFG).requires_grad_(False)
+    keys = set(model.state_dict())
+    x, t, ctx = inputs()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        ref = model(x, t, ctx)
+    names = quantize_linears_(model)
+    assert len(names) == CFG.num_layers * 10  # q,k,v,o x2 attentions + 2 FFN Linears per block
+    assert all(n.startswith("blocks.") for n in names)
+    assert isinstance(model.text_embedding[0], nn.Linear) and not isinstance(model.text_embedding[0], FP8Linear)
+    new_keys = set(model.state_dict())
+    assert keys <= new_keys and new_keys - keys == {n + ".weight_scale" for n in names}
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        out = model(x, t, ctx)
+    err = rel(out, ref)
+    assert 1e-4 < err < 0.05, err
+    assert quantize_linears_(model) == []  # idempotent
+
+
+@pytest.mark.parametrize("order", ["quantise_then_lora", "lora_then_quantise"])
+def test_lora_on_fp8_base_trains(order):
+    torch.manual_seed(0)
+    model = WanModel(CFG).requires_grad_(False)
+    lora = LoraConfig(rank=4, alpha=4.0, targets=["self_attn.q", "self_attn.v", "ffn.0", "ffn.2"])
+    if order == "quantise_then_lora":
+        quantize_linears_(model)
+        add_lora(model, lora)
+    else:
+        add_lora(model, lora)
+        quantize_linears_(model)
+    q = model.blocks[0].self_attn.q
+    assert isinstance(q.base_layer, FP8Linear)
+    assert q.lora_A["default"].weight.dtype == torch.float32
+    assert isinstance(model.blocks[0].self_attn.k, FP8Linear)  # not a target: quantised plainly
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    x, t, ctx = inputs()
+    target = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    opt = torch.optim.Adam(trainable.values(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = (model(x, t, ctx) - target).pow(2).mean()
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    # after the first step lora_B is non-zero, so both adapter matrices get gradients
+    grads = {n: p.grad for n, p in trainable.items()}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+    assert losses[-1] < losses[0] * 0.99, losses
+
+
+def test_fp8_weight_refuses_training():
+    f8 = FP8Linear.from_linear(nn.Linear(8, 8))
+    f8.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="frozen"):
+        f8(torch.randn(2, 8))

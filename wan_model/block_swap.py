@@ -1,0 +1,230 @@
+"""Block swap: the frozen weights of the last N transformer blocks live in pinned host memory and
+are streamed to the GPU just before each block runs, on a side CUDA stream, while the previous
+block computes.
+
+For cards too small for the model. With activation checkpointing (the intended use) a swapped
+block's weights are needed three times per step: forward, the recompute in backward, and the
+backward itself. Each call of a swapped block installs freshly copied device tensors into the
+block (new Parameter objects; the host copies are never touched), so autograd keeps exactly the
+copies it saved and frees them when it is done with them; nothing else keeps them alive. Without
+checkpointing autograd saves every block's weights for backward, so swapping then saves no
+memory (it still gives the same numbers).
+
+Trainable parameters (LoRA adapters, or a full fine-tune) stay on the device: the optimizer and
+the gradients must find them there. Only frozen parameters and buffers are swapped.
+
+Prefetch order follows the pass: forward runs blocks 0..L-1, the checkpointed backward recomputes
+L-1..0, so while block i runs the next swapped block in the current direction is copied. The
+swapped blocks are the last N, so the turn from forward to backward reuses the copy of block L-1.
+
+On a CPU device the same code path runs with plain copies and no streams (tests use it).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class _Entry:
+    module: nn.Module
+    name: str
+    is_param: bool
+    host: torch.Tensor
+
+
+class BlockSwap:
+    def __init__(self, model: nn.Module, n_blocks: int, device, prefetch: bool = True):
+        blocks = getattr(model, "blocks", None)
+        if blocks is None:
+            raise ValueError("block swap needs a model with a `blocks` ModuleList (the Wan DiT)")
+        if not 0 < n_blocks <= len(blocks):
+            raise ValueError(f"block_swap={n_blocks}: choose 1..{len(blocks)} (the model has "
+                             f"{len(blocks)} blocks), or 0 to turn block swap off")
+        self.model = model
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.cuda = self.device.type == "cuda"
+        self.prefetch_enabled = prefetch
+        self.num_blocks = len(blocks)
+        self.swapped = list(range(len(blocks) - n_blocks, len(blocks)))
+        self.entries: dict[int, list[_Entry]] = {i: self._to_host(blocks[i]) for i in self.swapped}
+        self._move_rest_to_device()
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.ready: dict[int, tuple[list[torch.Tensor], object]] = {}
+        self.installed: set[int] = set()
+        self.last: int | None = None
+        self.fetches = 0  # host->device copies of a whole block, for tests and the benchmark
+        self._warned = False
+        self.handles = []
+        for i, block in enumerate(blocks):
+            self.handles.append(block.register_forward_pre_hook(self._make_pre_hook(i)))
+            if i in self.entries:
+                self.handles.append(block.register_forward_hook(self._make_post_hook(i)))
+
+    # -- placement -------------------------------------------------------------------------
+    def _to_host(self, block: nn.Module) -> list[_Entry]:
+        entries = []
+        for module in block.modules():
+            for name, p in list(module._parameters.items()):
+                if p is None:
+                    continue
+                if p.requires_grad:
+                    p.data = p.data.to(self.device)
+                    continue
+                host = self._host_copy(p)
+                module._parameters[name] = nn.Parameter(host, requires_grad=False)
+                entries.append(_Entry(module, name, True, host))
+            for name, b in list(module._buffers.items()):
+                if b is None:
+                    continue
+                host = self._host_copy(b)
+                module._buffers[name] = host
+                entries.append(_Entry(module, name, False, host))
+        return entries
+
+    def _host_copy(self, t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+        host.copy_(t.detach())
+        return host
+
+    def _move_rest_to_device(self) -> None:
+        swapped = {(id(e.module), e.name) for es in self.entries.values() for e in es}
+        for module in self.model.modules():
+            for name, p in module._parameters.items():
+                if p is not None and (id(module), name) not in swapped and p.device != self.device:
+                    p.data = p.data.to(self.device)
+            for name, b in list(module._buffers.items()):
+                if b is not None and (id(module), name) not in swapped and b.device != self.device:
+                    module._buffers[name] = b.to(self.device)
+
+    # -- transfers -------------------------------------------------------------------------
+    def _fetch(self, i: int) -> None:
+        """Start copying block i's weights to the device (no-op if already there)."""
+        if i in self.ready:
+            return
+        src = [e.host for e in self.entries[i]]
+        if self.cuda:
+            with torch.cuda.stream(self.stream):
+                out = [t.to(self.device, non_blocking=True) for t in src]
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        else:
+            out, event = [t.clone() for t in src], None
+        self.ready[i] = (out, event)
+        self.fetches += 1
+
+    def _acquire(self, i: int) -> list[torch.Tensor]:
+        self._fetch(i)
+        out, event = self.ready[i]
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for t in out:  # the side stream allocated them; the compute stream uses them
+                t.record_stream(current)
+        return out
+
+    def _install(self, i: int, tensors) -> None:
+        for e, t in zip(self.entries[i], tensors):
+            if e.is_param:
+                e.module._parameters[e.name] = nn.Parameter(t, requires_grad=False)
+            else:
+                e.module._buffers[e.name] = t
+
+    def _restore_host(self, i: int) -> None:
+        for e in self.entries[i]:
+            if e.is_param:
+                e.module._parameters[e.name] = nn.Parameter(e.host, requires_grad=False)
+            else:
+                e.module._buffers[e.name] = e.host
+        self.installed.discard(i)
+
+    # -- order -----------------------------------------------------------------------------
+    def _next_swapped(self, i: int) -> int | None:
+        """The swapped block to prefetch while block i runs."""
+        last, self.last = self.last, i
+        if i == 0 or last is None or i > last:
+            step = 1
+        elif i < last:
+            step = -1
+        else:  # the same block twice: forward turning into the checkpointed backward at the end
+            step = -1 if i == self.num_blocks - 1 else 1
+        j = i + step
+        while 0 <= j < self.num_blocks and j not in self.entries:
+            j += step
+        if 0 <= j < self.num_blocks:
+            return j
+        # End of a backward pass: the next forward reaches the first swapped block first.
+        return self.swapped[0] if step < 0 else None
+
+    def _make_pre_hook(self, i: int):
+        @torch._dynamo.disable
+        def pre_hook(module, args):
+            if (torch.is_grad_enabled() and not getattr(self.model, "gradient_checkpointing", False)
+                    and not self._warned):
+                self._warned = True
+                warnings.warn("block swap without gradient checkpointing keeps every block's "
+                              "weights on the device until backward, so it saves no memory; "
+                              "turn on train.gradient_checkpointing", stacklevel=2)
+            # A checkpoint recompute may stop early (before the forward hook): restore here.
+            for k in list(self.installed):
+                if k != i:
+                    self._restore_host(k)
+            if i in self.entries:
+                self._install(i, self._acquire(i))
+                self.installed.add(i)
+            nxt = self._next_swapped(i)
+            keep = {i, nxt}
+            for k in list(self.ready):
+                if k not in keep:
+                    del self.ready[k]  # autograd still holds what it saved
+            if nxt is not None and self.prefetch_enabled:
+                self._fetch(nxt)
+        return pre_hook
+
+    def _make_post_hook(self, i: int):
+        @torch._dynamo.disable
+        def post_hook(module, args, output):
+            self._restore_host(i)
+        return post_hook
+
+    # -- public ----------------------------------------------------------------------------
+    def release(self) -> None:
+        """Drop every device copy held here (e.g. before sampling previews)."""
+        for k in list(self.installed):
+            self._restore_host(k)
+        self.ready.clear()
+        self.last = None
+
+    def remove(self) -> None:
+        """Undo: hooks off, every swapped tensor back on the device as a normal weight."""
+        self.release()
+        for h in self.handles:
+            h.remove()
+        for es in self.entries.values():
+            for e in es:
+                t = e.host.to(self.device)
+                if e.is_param:
+                    e.module._parameters[e.name] = nn.Parameter(t, requires_grad=False)
+                else:
+                    e.module._buffers[e.name] = t
+        self.entries.clear()
+
+    def host_bytes(self) -> int:
+        return sum(e.host.numel() * e.host.element_size() for es in self.entries.values() for e in es)
+
+
+def enable_block_swap(model: nn.Module, n_blocks: int, device, prefetch: bool = True) -> BlockSwap:
+    """Keep the frozen weights of the last `n_blocks` blocks in (pinned) host memory and stream
+    them in per call; everything else is moved to `device`. Returns the controller, also kept
+    as `model.block_swap`. Call after LoRA injection / fp8 quantisation, before `block.compile()`."""
+    old = getattr(model, "block_swap", None)
+    if isinstance(old, BlockSwap):
+        old.remove()
+    swap = BlockSwap(model, n_blocks, device, prefetch=prefetch)
+    model.block_swap = swap
+    return swap

@@ -1,0 +1,130 @@
+"""Frozen base Linears stored as float8 (e4m3) with one scale per output row, upcast on use.
+
+For LoRA on a frozen base this halves the weight memory of bf16 (the 14B blocks go from 28 GB to
+14 GB) at the cost of the e4m3 rounding of each weight (3 mantissa bits, about 3% relative per
+element; the per-row scale keeps every row's largest value exact in range).
+
+`FP8Linear` is a subclass of `nn.Linear`, so PEFT's LoRA wraps it like any Linear and the module
+names stay the official ones (`blocks.0.self_attn.q.base_layer.weight` under LoRA, as for bf16).
+Its `weight` parameter holds float8_e4m3fn values and a `weight_scale` buffer [out] (float32)
+holds the row scales; `compute_dtype` tells PEFT which dtype to give the adapter (it would
+otherwise copy the float8 dtype of `weight`).
+
+The matmul runs in the compute dtype (bf16 under autocast) on a weight dequantised just before
+use; backward dequantises again instead of keeping the bf16 copy alive, so the saved state per
+Linear is the float8 weight only (that matters without activation checkpointing).
+
+Call `quantize_linears_(model)` after loading and before or after `add_lora`; do not call
+`model.to(dtype)` afterwards (it would cast the float8 weights like any float tensor).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 weight, float32 scale [out]) with weight ~= q.float() * scale[:, None]."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1).clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+class _FP8Matmul(torch.autograd.Function):
+    """y = x W^T + b with W dequantised on use; saves the float8 W, not a bf16 copy."""
+
+    @staticmethod
+    def forward(ctx, x, q, scale, bias):
+        w = dequantize_rows(q, scale, x.dtype)
+        ctx.save_for_backward(q, scale)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, scale = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantize_rows(q, scale, grad_out.dtype)
+        return grad_x, None, None, None
+
+
+def _compute_dtype_for(x: torch.Tensor, default: torch.dtype) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else default
+
+
+class FP8Linear(nn.Linear):
+    """A frozen Linear whose weight is float8 e4m3 with per-output-row float32 scales."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__(in_features, out_features, bias=bias, device=device)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=FP8_DTYPE),
+                                   requires_grad=False)
+        self.register_buffer("weight_scale", torch.ones(out_features, device=device))
+        self.compute_dtype = compute_dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> "FP8Linear":
+        w = linear.weight
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                      compute_dtype=compute_dtype)
+        q, scale = quantize_rows(w)
+        new.weight = nn.Parameter(q, requires_grad=False)
+        new.weight_scale = scale
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return new
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_rows(self.weight, self.weight_scale, dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad:
+            raise RuntimeError("FP8Linear weights are frozen (LoRA base only); full fine-tuning "
+                               "needs train.base_dtype fp32 or bf16")
+        dtype = _compute_dtype_for(x, self.compute_dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return _FP8Matmul.apply(x.to(dtype), self.weight, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", weight=float8_e4m3fn (per-row scales)"
+
+
+def default_include(name: str) -> bool:
+    """The transformer blocks' Linears (the bulk of the weights); embeddings and head stay."""
+    return name.startswith("blocks.")
+
+
+def quantize_linears_(model: nn.Module, include: Callable[[str], bool] = default_include,
+                      compute_dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """Replace every frozen nn.Linear whose name passes `include` by an FP8Linear, in place.
+
+    Under PEFT LoRA the wrapped `base_layer` is quantised and the adapter left alone. The
+    quantised weights are frozen whatever they were before (fp8 is for the frozen LoRA base).
+    Returns the names replaced. Quantising runs where the weights are (seconds on a GPU).
+    """
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or "lora_" in name or not include(name):
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, FP8Linear.from_linear(module, compute_dtype))
+        replaced.append(name)
+    return replaced
+
