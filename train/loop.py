@@ -93,6 +93,8 @@ def compute_loss(model, batch, recipe: Recipe, empty_context, host_g, dev_g, dev
 
 
 def train(recipe: Recipe) -> dict:
+    from accelerate.utils import set_seed
+
     acc = make_accelerator(recipe)
     device = acc.device
     out_dir = Path(recipe.run.output_dir)
@@ -111,7 +113,8 @@ def train(recipe: Recipe) -> dict:
     sampler = BucketBatchSampler(dataset.buckets, recipe.data.batch_size, seed=recipe.data.seed,
                                  rank=acc.process_index, world=acc.num_processes, with_position=True)
 
-    model, targets = build_model(recipe, device)
+    set_seed(recipe.run.seed)  # LoRA init and dropout draw from the global generators: seed them
+    model, targets = build_model(recipe, device)  # here, after caching, which may draw or not
     ema = (adapters.EMA(trained_tensors(model), recipe.full.ema_decay)
            if recipe.train.mode == "full" and recipe.full.ema else None)
     optimizer = build_optimizer(model.parameters(), recipe.train.optim, device.type)

@@ -1,6 +1,7 @@
 """Progress bar and trackers (TensorBoard, wandb) for the main process."""
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ class Tracker:
             return
         out = Path(recipe.run.output_dir)
         name = recipe.run.name or out.name
+        self.metrics_file = out / "metrics.jsonl"
         if recipe.tracking.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -44,6 +46,8 @@ class Tracker:
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_step=f"{sps:.2f}")
         if log:
             metrics = {"train/loss": loss, "train/lr": lr, "train/s_per_step": sps}
+            with self.metrics_file.open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
             if self.tb:
                 for k, v in metrics.items():
                     self.tb.add_scalar(k, v, step)

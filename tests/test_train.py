@@ -1,0 +1,190 @@
+"""The trainer through its real entry point, on the tiny model and a synthetic corpus."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.config import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A corpus + tiny model + cache shared by the tests of this file."""
+    d = tmp_path_factory.mktemp("train")
+    from train.demo import write_corpus
+    from wan_model.random_weights import write_random_checkpoint
+
+    write_corpus(d / "clips", num_clips=4)
+    write_random_checkpoint(d / "model", "tiny-t2v", log=lambda *_: None)
+    return d
+
+
+def overrides(d: Path, out: str, **extra) -> list[str]:
+    base = {"model.root": d / "model", "data.sources": f"[{{path: {d / 'clips'}}}]",
+            "data.cache_dir": d / "cache", "run.output_dir": d / out, "demo.enabled": False,
+            "validation.prompts": "[]", "train.max_steps": 6, "checkpoint.every": 3,
+            "tracking.tensorboard": False}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_train(d: Path, out: str, launcher=("python3",), **extra):
+    cmd = [*launcher, str(ROOT / "train.py"), str(ROOT / "recipes" / "demo.yaml"), *overrides(d, out, **extra)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, cwd=d, capture_output=True, text=True, env=env, timeout=600)
+
+
+def losses(d: Path, out: str) -> dict[int, float]:
+    lines = (d / out / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["train/loss"] for r in map(json.loads, lines)}
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 6, [r.name for r in recipes]
+    for r in recipes:
+        load_recipe(str(r))
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+    demo = str(ROOT / "recipes" / "demo.yaml")
+    with pytest.raises(RecipeError, match="train.max_stepz.*max_steps"):
+        load_recipe(demo, ["train.max_stepz=3"])
+    with pytest.raises(RecipeError, match="train.max_steps"):
+        load_recipe(demo, ["train.max_steps=many"])
+    with pytest.raises(RecipeError) as e:
+        load_recipe(demo, ["train.mode=half", "validation.frames=30", "train.optim.name=sgd"])
+    msg = str(e.value)
+    assert "3 problem(s)" in msg and "train.mode" in msg and "nearest: 29" in msg and "sgd" in msg
+    with pytest.raises(RecipeError, match="key=value"):
+        load_recipe(demo, ["train.max_steps"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(RecipeError, match="YAML"):
+        load_recipe(str(bad))
+
+
+def test_lora_run_checkpoints_resume_exactly_and_exports(workdir):
+    # The schedule must not depend on max_steps, so a run stopped at 3 equals an interrupted one.
+    sched = {"train.optim.scheduler": "constant", "train.optim.warmup_steps": 2}
+    full = run_train(workdir, "straight", **sched)
+    assert full.returncode == 0, full.stderr[-3000:]
+    half = run_train(workdir, "resumed", **{**sched, "train.max_steps": 3})
+    assert half.returncode == 0, half.stderr[-3000:]
+    more = run_train(workdir, "resumed", **{**sched, "checkpoint.resume": "latest"})
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resumed from" in more.stdout + more.stderr
+    a, b = losses(workdir, "straight"), losses(workdir, "resumed")
+    assert sorted(a) == [1, 2, 3, 4, 5, 6] and sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), (step, a, b)
+    # checkpoints: atomic folders, keep_last pruning, resolved recipe beside each
+    steps = sorted(p.name for p in (workdir / "resumed").glob("step-*"))
+    assert steps == ["step-3", "step-6"]
+    assert not list((workdir / "resumed").glob(".step-*"))
+    assert "max_steps: 6" in (workdir / "resumed" / "step-6" / "recipe.yaml").read_text()
+    # export: ComfyUI keys with alpha, modelspec metadata, no absolute paths
+    from safetensors import safe_open
+
+    exported = workdir / "straight" / "export" / "straight.safetensors"
+    with safe_open(str(exported), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("diffusion_model.blocks.") for k in keys)
+    assert {k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1] for k in keys} >= {"lora_A.weight", "lora_B.weight"}
+    assert any(k.endswith(".alpha") for k in keys)
+    assert "diffusion_model.blocks.0.self_attn.q.lora_A.weight" in keys
+    assert "diffusion_model.blocks.1.ffn.2.lora_B.weight" in keys
+    assert meta["modelspec.architecture"] == "wan2.1/lora" and meta["ss_network_dim"] == "8"
+    assert meta["ss_steps"] == "6" and meta["modelspec.trigger_phrase"] == "shapes"
+    assert not any(str(workdir) in v for v in meta.values())
+    # the exported LoRA reads back and changes the model's output
+    from wan_model.lora import read_lora
+
+    lora = read_lora(exported)
+    assert len(lora.weights) == 20 and not lora.unknown
+
+
+def test_accelerate_launch_full_finetune_with_ema(workdir):
+    r = run_train(workdir, "full", launcher=("accelerate", "launch", "--num_processes", "1",
+                                             "--mixed_precision", "no", "--dynamo_backend", "no"),
+                  **{"train.mode": "full", "full.ema": True, "full.parts": "['blocks\\.1\\.']",
+                     "export.formats": "[official, diffusers]", "train.max_steps": 3,
+                     "train.optim.lr": 1e-3, "export.dtype": "fp32"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    from wan_model import load_transformer
+
+    base = load_transformer(workdir / "model", dtype=torch.float32)
+    tuned = load_transformer(workdir / "full" / "export" / "official", dtype=torch.float32)
+    diff = load_transformer(workdir / "full" / "export" / "transformer", dtype=torch.float32)
+    sb, st, sd = base.state_dict(), tuned.state_dict(), diff.state_dict()
+    assert all(torch.equal(sb[k], st[k]) for k in sb if not k.startswith("blocks.1."))
+    assert any(not torch.equal(sb[k], st[k]) for k in sb if k.startswith("blocks.1."))
+    assert all(torch.equal(st[k], sd[k]) for k in st)
+    assert (workdir / "full" / "step-3" / "ema.safetensors").exists()
+
+
+def test_nan_loss_stops_without_a_bad_checkpoint(workdir):
+    r = run_train(workdir, "nan", **{"train.optim.lr": 1e30, "train.optim.max_grad_norm": 0,
+                                     "train.max_steps": 20, "checkpoint.every": 1})
+    assert r.returncode != 0
+    assert "loss is" in r.stderr and "no checkpoint was written" in r.stderr
+    from safetensors.torch import load_file
+
+    for ckpt in (workdir / "nan").glob("step-*"):
+        assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / "trained.safetensors")).values())
+
+
+def test_bad_recipe_exits_2(workdir):
+    r = run_train(workdir, "bad", **{"lora.targets": "[self_attn.qq]"})
+    assert r.returncode != 0 and "self_attn.qq" in r.stderr
+    r = run_train(workdir, "bad", **{"train.nope": 1})
+    assert r.returncode == 2 and "train.nope" in r.stderr
+
+
+def test_one_batch_overfit():
+    """On one fixed batch and noise, LoRA training halves the loss of the tiny model."""
+    from train.adapters import add_lora
+    from train.config import LoraConfig
+    from train.objective import flow_loss, noisy_input
+    from wan_model.configs import FLAVOURS
+    from wan_model.transformer import WanModel
+
+    torch.manual_seed(0)
+    model = WanModel(FLAVOURS["tiny-t2v"].dit)
+    add_lora(model, LoraConfig(rank=16, alpha=16))
+    x0 = torch.randn(1, 16, 2, 8, 8)
+    noise = torch.randn_like(x0)
+    s = torch.tensor([0.6])
+    ctx = [torch.randn(5, 32)]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(100):
+        xs, target = noisy_input(x0, noise, s)
+        loss = flow_loss(model(xs, s * 1000, ctx), target, s, "none")
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first, (first, loss.item())
+
+
+def test_lora_targets():
+    from train.adapters import resolve_lora_targets
+    from wan_model.configs import FLAVOURS
+    from wan_model.transformer import WanModel
+
+    from train.config import DEFAULT_LORA_TARGETS
+
+    t2v = WanModel(FLAVOURS["tiny-t2v"].dit)
+    i2v = WanModel(FLAVOURS["tiny-i2v"].dit)
+    assert len(resolve_lora_targets(t2v, DEFAULT_LORA_TARGETS)) == 2 * 10
+    assert len(resolve_lora_targets(i2v, DEFAULT_LORA_TARGETS)) == 2 * 12
+    assert resolve_lora_targets(t2v, ["re:blocks\\.1\\.ffn\\.\\d"]) == ["blocks.1.ffn.0", "blocks.1.ffn.2"]
+    with pytest.raises(ValueError, match="k_img"):
+        resolve_lora_targets(t2v, ["cross_attn.k_img"])
