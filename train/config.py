@@ -101,7 +101,9 @@ class TrainConfig:
     base_dtype: str = _f("bf16", "dtype of the frozen base weights for LoRA: fp32, bf16 or fp8 "
                                  "(e4m3 with per-row scales, upcast on use). Full training keeps fp32.")
     gradient_checkpointing: bool = _f(True, "Recompute block activations in backward (saves memory).")
-    checkpoint_offload: bool = _f(False, "Keep checkpointed block inputs in host memory.")
+    checkpoint_mode: str = _f("selective", "full (recompute whole blocks) or selective (keep each "
+                                           "block's self-attention output, recompute the rest).")
+    checkpoint_offload: bool = _f(False, "Keep checkpointed activations in host memory.")
     block_swap: int = _f(0, "Blocks kept in host memory and streamed to the GPU (for small cards).")
     attention_backend: str = _f("auto", "auto, sdpa, cudnn, flash, efficient, math or flash_attn.")
     compile: bool = _f(False, "torch.compile each transformer block.")
@@ -178,6 +180,7 @@ class Recipe:
         choices = [("train.mode", t.mode, ("lora", "full")),
                    ("train.mixed_precision", t.mixed_precision, ("bf16", "no")),
                    ("train.base_dtype", t.base_dtype, BASE_DTYPES),
+                   ("train.checkpoint_mode", t.checkpoint_mode, ("full", "selective")),
                    ("train.timestep.sampling", t.timestep.sampling, TIMESTEP_SAMPLINGS),
                    ("train.timestep.loss_weighting", t.timestep.loss_weighting, LOSS_WEIGHTINGS),
                    ("train.optim.name", t.optim.name, OPTIMIZERS),

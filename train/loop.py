@@ -55,6 +55,7 @@ def build_model(recipe: Recipe, device):
         quantize_linears_(model)
     attention.set_backend(recipe.train.attention_backend)
     model.gradient_checkpointing = recipe.train.gradient_checkpointing
+    model.checkpoint_mode = recipe.train.checkpoint_mode
     model.checkpoint_offload = recipe.train.checkpoint_offload
     if recipe.train.mode == "lora":
         targets = adapters.add_lora(model, recipe.lora)
@@ -65,8 +66,7 @@ def build_model(recipe: Recipe, device):
 
         enable_block_swap(model, recipe.train.block_swap, device)
     if recipe.train.compile:
-        for block in model.blocks:
-            block.compile()
+        model.compile_blocks()
     model.train()
     return model, targets
 

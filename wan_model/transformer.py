@@ -12,8 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-
+from . import checkpointing
 from .attention import attention
 from .configs import DiTConfig
 from .rope import RopeCache, apply_rope
@@ -126,8 +125,17 @@ class WanAttentionBlock(nn.Module):
                                  nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, e0, context, rope, compute_dtype):
-        """x [B,L,dim] float32 residual stream; e0 [B,6,dim] float32."""
+    def forward(self, x, e0, context, rope, compute_dtype, ckpt: str | None = None,
+                offload: bool = False):
+        """x [B,L,dim] float32 residual stream; e0 [B,6,dim] float32. With `ckpt` ("full" or
+        "selective") the block's activations are checkpointed; the checkpoint sits inside
+        forward so that a compiled block compiles it too."""
+        if ckpt is not None:
+            return checkpointing.run(self._forward, x, e0, context, rope, compute_dtype,
+                                     mode=ckpt, offload=offload)
+        return self._forward(x, e0, context, rope, compute_dtype)
+
+    def _forward(self, x, e0, context, rope, compute_dtype):
         m = (self.modulation.float() + e0).chunk(6, dim=1)
         h = (self.norm1(x) * (1 + m[1]) + m[0]).to(compute_dtype)
         x = x + self.self_attn(h, rope).float() * m[2]
@@ -187,7 +195,8 @@ class WanModel(nn.Module):
             self.img_emb = MLPProj(cfg.clip_dim, dim)
         self.rope = RopeCache(cfg.head_dim)
         self.gradient_checkpointing = False
-        self.checkpoint_offload = False  # keep checkpointed block inputs in host memory
+        self.checkpoint_mode = "full"  # or "selective": keep self-attention outputs
+        self.checkpoint_offload = False  # keep checkpointed activations in host memory
 
     # -- helpers -------------------------------------------------------------------------------
     def compute_dtype(self) -> torch.dtype:
@@ -227,10 +236,13 @@ class WanModel(nn.Module):
     def _run_block(self, block, x, e0, context, rope, dtype):
         if not (self.gradient_checkpointing and torch.is_grad_enabled()):
             return block(x, e0, context, rope, dtype)
-        if self.checkpoint_offload:
-            with torch.autograd.graph.save_on_cpu(pin_memory=x.device.type == "cuda"):
-                return checkpoint(block, x, e0, context, rope, dtype, use_reentrant=False)
-        return checkpoint(block, x, e0, context, rope, dtype, use_reentrant=False)
+        return block(x, e0, context, rope, dtype, self.checkpoint_mode, self.checkpoint_offload)
+
+    def compile_blocks(self, **kwargs) -> None:
+        """torch.compile every block (one compiled graph serves all of them: same code, the
+        weights are graph inputs). Fuses the float32 norm/modulation/RoPE/gating passes."""
+        for block in self.blocks:
+            block.compile(**kwargs)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x, t, context, clip_fea=None, y=None):
