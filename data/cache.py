@@ -199,12 +199,13 @@ def _encode_latents(todo: list[tuple[Item, dict]], plan: Plan, encoders: Encoder
         _DecodeJobs(jobs), batch_sampler=_bucket_batches(items, cfg.vae_batch_size),
         num_workers=cfg.num_workers, collate_fn=_collate,
         prefetch_factor=2 if cfg.num_workers else None, persistent_workers=False)
+    batches = iter(loader)  # workers start decoding (and fork) before the models are loaded
     vae = encoders.load_vae()
     clip = encoders.load_clip() if encoders.load_clip else None
     out_dtype = DTYPES[cfg.latent_dtype]
     failures, done = [], 0
     bar = _bar(len(items), desc, "clip", progress)
-    for batch in loader:
+    for batch in batches:
         good = [(i, v) for i, v in batch if isinstance(v, torch.Tensor)]
         failures += [f"{items[i].key}: {v}" for i, v in batch if not isinstance(v, torch.Tensor)]
         if good:
@@ -225,7 +226,7 @@ def _encode_latents(todo: list[tuple[Item, dict]], plan: Plan, encoders: Encoder
                     on_item(done)
         bar.update(len(batch))
     bar.close()
-    del vae, clip, loader
+    del vae, clip, loader, batches
     _free_memory()
     return failures
 

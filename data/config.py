@@ -94,7 +94,7 @@ class DataConfig:
         "help": "Clips of the same bucket encoded together by the VAE."})
     text_batch_size: int = field(default=16, metadata={
         "help": "Captions encoded together by the text encoder."})
-    num_workers: int = field(default=2, metadata={
+    num_workers: int = field(default=4, metadata={
         "help": "Processes that decode clips while the models encode (0 = in the main process)."})
     batch_size: int = field(default=1, metadata={
         "help": "Training batch size (every batch comes from one bucket)."})

@@ -74,3 +74,23 @@ def test_cache_tool_exit_status(setup, tmp_path, capsys):
     assert cache_tool.main([str(recipe), "data.cache_dir="]) == 2
     assert cache_tool.main([str(recipe), f"data.sources=[{{path: {tmp_path}}}]", "--no-progress"]) == 1
     assert "nothing usable" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_accelerate_launch_splits_the_corpus_across_two_ranks(setup, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tmp, recipe = setup
+    tool = Path(cache_tool.__file__)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(tool),
+           str(recipe), f"data.cache_dir={tmp_path / 'cache'}", "--no-progress"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert lines[0].startswith("rank 0: 1 clips") and lines[1].startswith("rank 1: 1 clips"), done.stdout
+    assert len(read_manifest(tmp_path / "cache")["items"]) == 2

@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from accelerate import PartialState
+    from accelerate import Accelerator
 
-    state = PartialState()
+    state = Accelerator()  # reads the launcher's settings (ACCELERATE_USE_CPU, ranks) like train.py
     rank, world = state.process_index, state.num_processes
     media = Path(cfg.cache_dir) / "media"
     if rank == 0:  # rank 0 probes every file; the others reuse its probe results
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({'t2v' if not i2v else 'i2v'}, cache {cfg.cache_dir})")
     for failure in run.failures:
         print(f"{tag}FAILED {failure}", file=sys.stderr)
+    state.wait_for_everyone()
+    state.end_training()  # tears the process group down cleanly before exit
     return 0
 
 
