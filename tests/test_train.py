@@ -188,3 +188,9 @@ def test_lora_targets():
     assert resolve_lora_targets(t2v, ["re:blocks\\.1\\.ffn\\.\\d"]) == ["blocks.1.ffn.0", "blocks.1.ffn.2"]
     with pytest.raises(ValueError, match="k_img"):
         resolve_lora_targets(t2v, ["cross_attn.k_img"])
+
+
+def test_readme_recipe_reference_is_current():
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "recipe_reference.py"), "--check",
+                        str(ROOT / "README.md")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
