@@ -98,3 +98,29 @@ def load_checkpoint(path: Path) -> dict:
     if (path / "ema.safetensors").exists():
         out["ema"] = load_file(str(path / "ema.safetensors"))
     return out
+
+
+def save_deepspeed_checkpoint(acc, output_dir, step: int, scheduler, sampler_state: dict,
+                              recipe_yaml: str, keep_last: int = 0) -> Path:
+    """DeepSpeed (ZeRO-2/3) state through accelerate, written by all ranks into a temp folder
+    that the main process renames into step-N/ once every rank is done."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"step-{step}"
+    tmp = output_dir / f".step-{step}.tmp"
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp / "deepspeed"), exclude_frozen_parameters=True)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        (tmp / "trainer.json").write_text(json.dumps(
+            {"step": step, "sampler": sampler_state, "scheduler": scheduler.state_dict()}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep_last > 0:
+            for _, old in list_checkpoints(output_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final

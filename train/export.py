@@ -26,7 +26,7 @@ def training_metadata(recipe, dit_cfg, step: int, dataset_summary: str) -> dict[
     }
 
 
-def export_lora(recipe, model, dit_cfg, out_dir: Path, step: int, dataset_summary: str,
+def export_lora(recipe, dit_cfg, out_dir: Path, step: int, dataset_summary: str,
                 lora_tensors: dict[str, torch.Tensor]) -> list[Path]:
     from wan_model.lora import lora_from_peft, lora_metadata, write_lora
 

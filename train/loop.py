@@ -120,11 +120,23 @@ def train(recipe: Recipe) -> dict:
     optimizer = build_optimizer(model.parameters(), recipe.train.optim, device.type)
     scheduler = build_scheduler(optimizer, recipe.train.optim, recipe.train.max_steps)
     dit_cfg = model.cfg
+    deepspeed = _is_deepspeed(acc)
+    if deepspeed:  # no dataloader goes through prepare(), so DeepSpeed is told the batch size
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
+        ds["train_batch_size"] = recipe.data.batch_size * acc.num_processes * recipe.train.grad_accum
     model, optimizer = acc.prepare(model, optimizer)
 
     step, sampler_state = 0, None
     resume_from = checkpoint.find_resume(recipe.checkpoint.resume, out_dir)
-    if resume_from is not None:
+    if resume_from is not None and deepspeed:
+        acc.load_state(str(resume_from / "deepspeed"), load_module_strict=False)
+        trainer = json.loads((resume_from / "trainer.json").read_text())
+        scheduler.load_state_dict(trainer["scheduler"])
+        step = int(trainer["step"])
+        sampler.load_state_dict(trainer["sampler"])
+        acc.print(f"resumed from {resume_from} at step {step}")
+    elif resume_from is not None:
         state = checkpoint.load_checkpoint(resume_from)
         missing = set(trained_tensors(acc.unwrap_model(model))) - set(state["trained"])
         if missing:
@@ -221,9 +233,18 @@ def _previewer(recipe: Recipe, acc, model, out_dir: Path):
     return Previewer(recipe, acc, model, out_dir / "samples")
 
 
+def _is_deepspeed(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.DEEPSPEED
+
+
 def _save(recipe, acc, model, optimizer, scheduler, ema, sampler_state, step, recipe_yaml, dit_cfg, summary):
     acc.wait_for_everyone()
-    if acc.is_main_process:
+    if _is_deepspeed(acc):  # sharded optimizer (and ZeRO-3 weights): every rank writes its part
+        checkpoint.save_deepspeed_checkpoint(acc, recipe.run.output_dir, step, scheduler, sampler_state,
+                                             recipe_yaml, keep_last=recipe.checkpoint.keep_last)
+    elif acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
         path = checkpoint.save_checkpoint(
             recipe.run.output_dir, step, trained_tensors(unwrapped), optimizer, scheduler,
@@ -235,14 +256,15 @@ def _save(recipe, acc, model, optimizer, scheduler, ema, sampler_state, step, re
 
 
 def _export(recipe, acc, model, ema, dit_cfg, step, summary, folder: Path | None = None) -> list[Path]:
+    # Under ZeRO-3 every rank holds a shard: gathering the full state dict needs them all.
+    sd = acc.get_state_dict(model) if _is_deepspeed(acc) else acc.unwrap_model(model).state_dict()
     if not acc.is_main_process:
         return []
     folder = folder or Path(recipe.run.output_dir) / "export"
-    unwrapped = acc.unwrap_model(model)
     if recipe.train.mode == "lora":
-        return export.export_lora(recipe, unwrapped, dit_cfg, folder, step, summary,
-                                  adapters.lora_state_dict(unwrapped))
-    sd = {k: v.detach() for k, v in unwrapped.state_dict().items()}
+        lora = {k: v for k, v in sd.items() if "lora_" in k}
+        return export.export_lora(recipe, dit_cfg, folder, step, summary, lora)
+    sd = {k: v.detach() for k, v in sd.items()}
     if ema is not None:
         sd.update(ema.state_dict())
     return export.export_full(recipe, sd, dit_cfg, folder)
