@@ -115,8 +115,14 @@ def test_accelerate_launch_full_finetune_with_ema(workdir):
                                              "--mixed_precision", "no", "--dynamo_backend", "no"),
                   **{"train.mode": "full", "full.ema": True, "full.parts": "['blocks\\.1\\.']",
                      "export.formats": "[official, diffusers]", "train.max_steps": 3,
-                     "train.optim.lr": 1e-3, "export.dtype": "fp32"})
+                     "train.optim.lr": 1e-3, "export.dtype": "fp32", "tracking.wandb": True,
+                     "tracking.tensorboard": True, "validation.prompts": "[a red circle]",
+                     "validation.steps": 2, "validation.at_start": False})
     assert r.returncode == 0, r.stderr[-3000:]
+    out = workdir / "full"
+    assert list((out / "wandb").glob("offline-run-*")), "wandb (offline) logged nothing"
+    assert list((out / "logs").glob("events.out.tfevents.*"))
+    assert list((out / "samples" / "step-3").glob("*.mp4"))
     from wan_model import load_transformer
 
     base = load_transformer(workdir / "model", dtype=torch.float32)
