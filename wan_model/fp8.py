@@ -78,12 +78,19 @@ class FP8Linear(nn.Linear):
         self.compute_dtype = compute_dtype
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16,
+                    work_device=None) -> "FP8Linear":
+        """`work_device`: where to do the arithmetic (e.g. the GPU for a model kept on the host);
+        the results go back to the weight's own device."""
         w = linear.weight
         with torch.device("meta"):
             new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                       compute_dtype=compute_dtype)
-        q, scale = quantize_rows(w)
+        if work_device is not None and torch.device(work_device) != w.device:
+            q, scale = quantize_rows(w.to(work_device, non_blocking=True))
+            q, scale = q.to(w.device), scale.to(w.device)
+        else:
+            q, scale = quantize_rows(w)
         new.weight = nn.Parameter(q, requires_grad=False)
         new.weight_scale = scale
         if linear.bias is not None:
@@ -111,12 +118,13 @@ def default_include(name: str) -> bool:
 
 
 def quantize_linears_(model: nn.Module, include: Callable[[str], bool] = default_include,
-                      compute_dtype: torch.dtype = torch.bfloat16) -> list[str]:
+                      compute_dtype: torch.dtype = torch.bfloat16, work_device=None) -> list[str]:
     """Replace every frozen nn.Linear whose name passes `include` by an FP8Linear, in place.
 
     Under PEFT LoRA the wrapped `base_layer` is quantised and the adapter left alone. The
     quantised weights are frozen whatever they were before (fp8 is for the frozen LoRA base).
-    Returns the names replaced. Quantising runs where the weights are (seconds on a GPU).
+    Returns the names replaced. Quantising runs where the weights are (seconds on a GPU), or
+    on `work_device` for a model held in host memory (a 14B model loaded for block swap).
     """
     replaced = []
     for name, module in list(model.named_modules()):
@@ -124,7 +132,7 @@ def quantize_linears_(model: nn.Module, include: Callable[[str], bool] = default
             continue
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, FP8Linear.from_linear(module, compute_dtype))
+        setattr(parent, leaf, FP8Linear.from_linear(module, compute_dtype, work_device))
         replaced.append(name)
     return replaced
 

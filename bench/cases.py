@@ -1,0 +1,116 @@
+"""The benchmark cases: what each measures, with which settings, and a rough H100 cost for the
+time budget. `--tiny` runs the same cases on the tiny flavour at tiny sizes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bench.steps import StepSettings, with_changes
+
+# Our default fast path for a LoRA step: cuDNN SDPA, self-attention kept by selective
+# checkpointing (no attention recompute), compiled blocks, fused AdamW, bf16 base.
+FAST = StepSettings(mode="lora", attention="cudnn", checkpointing="selective", compile=True)
+FAST_EAGER = with_changes(FAST, compile=False)
+SIZE_81 = (832, 480, 81)
+SIZE_33 = (512, 320, 33)
+TINY_SIZE = (64, 64, 5)
+
+
+@dataclass
+class Case:
+    name: str
+    kind: str  # matmul | ours | reference | vae-ours | vae-diffusers | sample-ours | sample-diffusers
+    what: str
+    flavour: str = "t2v-1.3B"
+    size: tuple = SIZE_81
+    settings: list = field(default_factory=list)  # StepSettings tried in order until one runs
+    cap_gib: float | None = None
+    ref_checkpointing: bool = True
+    reference: str | None = None  # the case this one is compared with
+    estimate_s: float = 30.0  # rough H100 cost incl. model setup, for --time-budget
+    default: bool = True
+
+
+def all_cases() -> list[Case]:
+    lora14 = with_changes(FAST_EAGER, selective_blocks=16)
+    capped = StepSettings(mode="lora", attention="cudnn", checkpointing="offload", base_dtype="fp8",
+                          block_swap=34)
+    cases = [
+        Case("matmul", "matmul", "bf16 8192^3 matmul", estimate_s=5),
+        Case("lora-1.3B-81", "ours", "1.3B LoRA r32 832x480x81", settings=[
+            FAST, FAST_EAGER, with_changes(FAST_EAGER, checkpointing="full")],
+            reference="ref-lora-1.3B-81", estimate_s=110),
+        Case("ref-lora-1.3B-81", "reference", "diffusers+PEFT 1.3B LoRA r32 832x480x81 (ckpt)",
+             estimate_s=30),
+        Case("lora-1.3B-33", "ours", "1.3B LoRA r32 512x320x33", size=SIZE_33, settings=[
+            with_changes(FAST_EAGER, checkpointing="none"), FAST_EAGER],
+            reference="ref-lora-1.3B-33", estimate_s=12),
+        Case("ref-lora-1.3B-33", "reference", "diffusers+PEFT 1.3B LoRA r32 512x320x33 (no ckpt)",
+             size=SIZE_33, ref_checkpointing=False, estimate_s=10),
+        Case("full-1.3B-81", "ours", "1.3B full fine-tune 832x480x81", settings=[
+            StepSettings(mode="full", attention="cudnn", checkpointing="selective"),
+            StepSettings(mode="full", attention="cudnn", checkpointing="full")], estimate_s=45),
+        Case("lora-14B-81", "ours", "14B LoRA r32 832x480x81", flavour="t2v-14B", settings=[
+            lora14, with_changes(FAST_EAGER, checkpointing="full")],
+            reference="ref-lora-14B-81", estimate_s=110),
+        Case("ref-lora-14B-81", "reference", "diffusers+PEFT 14B LoRA r32 832x480x81 (ckpt)",
+             flavour="t2v-14B", estimate_s=60),
+        Case("lora-14B-81-24G", "ours", "14B LoRA r32 832x480x81 under a 24 GiB cap",
+             flavour="t2v-14B", cap_gib=24.0, settings=[capped, with_changes(capped, block_swap=40)],
+             reference="ref-lora-14B-81", estimate_s=80),
+        Case("vae-ours", "vae-ours", "our VAE encode bf16, one 832x480x81 clip",
+             reference="vae-diffusers", estimate_s=15),
+        Case("vae-diffusers", "vae-diffusers", "diffusers AutoencoderKLWan encode bf16, 832x480x81",
+             estimate_s=15),
+        Case("sample-ours", "sample-ours", "our sampler, 1.3B, 832x480x81, UniPC + CFG 5",
+             reference="sample-diffusers", estimate_s=20),
+        Case("sample-diffusers", "sample-diffusers", "diffusers WanPipeline, 1.3B, 832x480x81, UniPC + CFG 5",
+             estimate_s=20),
+    ]
+    cases += lever_cases()
+    return cases
+
+
+def lever_cases() -> list[Case]:
+    """One lever changed at a time from the eager fast path (1.3B LoRA 832x480x81)."""
+    base = FAST_EAGER
+    variants = {
+        "base": base,
+        "compile": with_changes(base, compile=True),
+        "attn-flash": with_changes(base, attention="flash"),
+        "attn-efficient": with_changes(base, attention="efficient"),
+        "attn-flash_attn": with_changes(base, attention="flash_attn"),
+        "attn-sdpa-default": with_changes(base, attention="sdpa"),
+        "ckpt-full": with_changes(base, checkpointing="full"),
+        "ckpt-offload": with_changes(base, checkpointing="offload"),
+        "ckpt-none": with_changes(base, checkpointing="none"),
+        "fp8": with_changes(base, base_dtype="fp8"),
+        "swap-10": with_changes(base, block_swap=10),
+        "adamw-foreach": with_changes(base, fused_adamw=False),
+    }
+    return [Case(f"lever-{k}", "ours", f"lever: {k} (1.3B LoRA 832x480x81)", settings=[v],
+                 reference="ref-lora-1.3B-81", estimate_s=60 if v.compile else 20, default=False)
+            for k, v in variants.items()]
+
+
+def select(cases: list[Case], spec: str) -> list[Case]:
+    """`default`, `all`, `levers`, or a comma list of names / fnmatch patterns."""
+    import fnmatch
+
+    chosen = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        if part == "default":
+            hits = [c for c in cases if c.default]
+        elif part == "all":
+            hits = cases
+        elif part == "levers":
+            hits = [c for c in cases if c.name.startswith("lever-")]
+        else:
+            hits = [c for c in cases if fnmatch.fnmatch(c.name, part)]
+            if not hits:
+                raise ValueError(f"--cases: {part!r} matches no case; known: "
+                                 + ", ".join(c.name for c in cases))
+        chosen += [h for h in hits if h not in chosen]
+    order = {c.name: i for i, c in enumerate(cases)}
+    if not any(c.name == "matmul" for c in chosen):
+        chosen.append(next(c for c in cases if c.name == "matmul"))
+    return sorted(chosen, key=lambda c: order[c.name])

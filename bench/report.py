@@ -1,0 +1,159 @@
+"""Environment record, the incremental JSON file, the table, and the BENCHMARKS.md section."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+BEGIN = "<!-- bench:table:begin -->"
+END = "<!-- bench:table:end -->"
+
+
+def _version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return None
+
+
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except Exception:
+        return None
+
+
+def _commit(repo: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def environment(device: torch.device, repo: Path) -> dict:
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "driver": _driver() if device.type == "cuda" else None,
+        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "torch": torch.__version__, "diffusers": _version("diffusers"), "peft": _version("peft"),
+        "transformers": _version("transformers"), "flash_attn": _version("flash_attn") or _version("flash_attn_3"),
+        "python": sys.version.split()[0], "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "commit": _commit(repo), "command": " ".join(sys.argv),
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env["memory_gib"] = round(p.total_memory / 2**30, 1)
+        env["sm_count"] = p.multi_processor_count
+    return env
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _f(v, fmt="{:.2f}") -> str:
+    return "—" if v is None else fmt.format(v)
+
+
+def table_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for name, r in results["cases"].items():
+        status = r.get("status")
+        if status != "ok":
+            why = r.get("error", "") or r.get("reason", "")
+            rows.append([name, r.get("what", ""), status.upper() if status else "?", "", "", "", "", "",
+                         why.splitlines()[0][:80] if why else ""])
+            continue
+        kind = r.get("kind")
+        if kind == "matmul":
+            rows.append([name, r["what"], f"{r['seconds'] * 1e3:.2f} ms", "", "", f"{r['tflops']:.0f}", "", "", ""])
+        elif kind == "vae":
+            rows.append([name, r["what"], f"{r['clip_s']:.2f} s/clip", _f(r.get("peak_allocated_gib")),
+                         _f(r.get("peak_reserved_gib")), "", "", _ratio(r), f"{r['clips_per_min']:.1f} clips/min"])
+        elif kind == "sample":
+            rows.append([name, r["what"], f"{r['step_s']:.3f} s/step", _f(r.get("peak_allocated_gib")),
+                         _f(r.get("peak_reserved_gib")), _f(r.get("tflops"), "{:.0f}"), _f(r.get("mfu"), "{:.0%}"),
+                         _ratio(r), f"{r['steps']} steps timed; x50 = {r['est_50_steps_s']:.1f} s (extrapolated)"])
+        else:
+            rows.append([name, r["what"], f"{r['step_s']:.3f}", _f(r.get("peak_allocated_gib")),
+                         _f(r.get("peak_reserved_gib")), _f(r.get("tflops"), "{:.0f}"), _f(r.get("mfu"), "{:.0%}"),
+                         _ratio(r), r.get("settings_label", "")])
+    return rows
+
+
+def _ratio(r: dict) -> str:
+    x = r.get("speedup_vs_reference")
+    if x is None:
+        return ""
+    mark = "" if r.get("same_run_as_reference", True) else "*"
+    return f"{x:.2f}x{mark}"
+
+
+HEADER = ["case", "what", "s/step", "peak alloc GiB", "peak reserved GiB", "TFLOP/s", "MFU",
+          "vs reference", "settings / notes"]
+
+
+def markdown_table(results: dict) -> str:
+    env = results["env"]
+    mm = results["cases"].get("matmul", {})
+    lines = [
+        f"Device: {env['device']} (driver {env.get('driver')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}); "
+        f"torch {env['torch']}, diffusers {env.get('diffusers')}, peft {env.get('peft')}, "
+        f"flash-attn {env.get('flash_attn') or 'not installed'}; {env['date']}; commit {env.get('commit')}.",
+        f"Command: `{env.get('command')}`.",
+        f"bf16 matmul rate measured in the same run: {mm.get('tflops', float('nan')):.0f} TFLOP/s "
+        "(the MFU denominator). TFLOP/s counts model FLOPs (see bench/NOTES.md: LoRA = 2x forward "
+        "for the frozen Linears + 3x for attention; full = 3x forward; recompute not counted).",
+        "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER),
+    ]
+    for row in table_rows(results):
+        lines.append("| " + " | ".join(str(c).replace("|", "/") for c in row) + " |")
+    lines.append("")
+    lines.append("`*` = ratio against a reference measured in a different run. Speed-ups are "
+                 "reference s/step over ours; VAE and sampler ratios likewise (higher is better).")
+    return "\n".join(lines)
+
+
+def plain_table(results: dict) -> str:
+    rows = [HEADER] + table_rows(results)
+    widths = [min(max(len(str(r[i])) for r in rows), 48) for i in range(len(HEADER))]
+    out = []
+    for r in rows:
+        out.append("  ".join(str(c)[:48].ljust(w) for c, w in zip(r, widths)))
+    return "\n".join(out)
+
+
+def update_benchmarks_md(path: Path, results: dict) -> None:
+    section = f"{BEGIN}\n{markdown_table(results)}\n{END}"
+    if path.exists():
+        text = path.read_text()
+        if BEGIN in text and END in text:
+            text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+    else:
+        text = ("# Benchmarks\n\nWritten by `python tools/bench.py` (see bench/NOTES.md for the FLOP "
+                "convention, the levers and the floor analysis).\n\n" + section + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,114 @@
+"""Timing and memory helpers: device events around each step, no host sync inside the timed run."""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Start/stop marks: CUDA events on a GPU, perf_counter (after a sync) on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive marks (syncs once, at the end)."""
+        sync(self.device)
+        if self.device.type == "cuda":
+            return [a.elapsed_time(b) / 1000.0 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def time_steps(step, device: torch.device, warmup: int, max_steps: int, max_seconds: float,
+               min_steps: int = 2) -> dict:
+    """Warm up, probe one step with a sync, then time n back-to-back steps (n fitted to
+    `max_seconds`); returns the per-step times, their median and the losses."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    probe = time.perf_counter() - t0
+    n = max(min_steps, min(max_steps, int(max_seconds / max(probe, 1e-6))))
+    timer = Timer(device)
+    losses = []
+    timer.mark()
+    for _ in range(n):
+        losses.append(step())
+        timer.mark()
+    times = timer.intervals()
+    return {"step_s": statistics.median(times), "times_s": times, "steps": n, "warmup_steps": warmup,
+            "warmup_s": warm_s, "probe_s": probe,
+            "losses": [float(l) for l in losses if isinstance(l, torch.Tensor) and l.numel() == 1]}
+
+
+def time_call(fn, device: torch.device) -> float:
+    """Seconds for one call, measured with device events (sync at the end only)."""
+    timer = Timer(device)
+    timer.mark()
+    fn()
+    timer.mark()
+    return timer.intervals()[0]
+
+
+def matmul_rate(device: torch.device, n: int, dtype: torch.dtype, repeats: int = 10) -> dict:
+    """Achieved rate of an n^3 matrix product (random normal operands, two sets alternated)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    sets = [(torch.randn(n, n, generator=g, device=device).to(dtype),
+             torch.randn(n, n, generator=g, device=device).to(dtype)) for _ in range(2)]
+    for a, b in sets * 2:
+        a @ b
+    sync(device)
+    timer = Timer(device)
+    timer.mark()
+    for i in range(repeats):
+        a, b = sets[i % 2]
+        a @ b
+        timer.mark()
+    t = statistics.median(timer.intervals())
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "seconds": t, "tflops": 2 * n**3 / t / 1e12}
+
+
+def reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"peak_allocated_gib": None, "peak_reserved_gib": None}
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
+def set_memory_cap(device: torch.device, gib: float | None) -> float | None:
+    """Cap this process's CUDA allocator at `gib` (None: lift the cap). Returns the fraction."""
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    frac = 1.0 if gib is None else min(1.0, gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(frac, device)
+    return frac
