@@ -103,6 +103,8 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(True, "Recompute block activations in backward (saves memory).")
     checkpoint_mode: str = _f("selective", "full (recompute whole blocks) or selective (keep each "
                                            "block's self-attention output, recompute the rest).")
+    selective_blocks: int = _f(-1, "With checkpoint_mode=selective, only the first N blocks keep "
+                                   "their attention output (-1 = all); fewer saves memory.")
     checkpoint_offload: bool = _f(False, "Keep checkpointed activations in host memory.")
     block_swap: int = _f(0, "Blocks kept in host memory and streamed to the GPU (for small cards).")
     attention_backend: str = _f("auto", "auto, sdpa, cudnn, flash, efficient, math or flash_attn.")

@@ -56,6 +56,7 @@ def build_model(recipe: Recipe, device):
     attention.set_backend(recipe.train.attention_backend)
     model.gradient_checkpointing = recipe.train.gradient_checkpointing
     model.checkpoint_mode = recipe.train.checkpoint_mode
+    model.selective_blocks = recipe.train.selective_blocks
     model.checkpoint_offload = recipe.train.checkpoint_offload
     if recipe.train.mode == "lora":
         targets = adapters.add_lora(model, recipe.lora)

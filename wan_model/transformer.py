@@ -196,6 +196,7 @@ class WanModel(nn.Module):
         self.rope = RopeCache(cfg.head_dim)
         self.gradient_checkpointing = False
         self.checkpoint_mode = "full"  # or "selective": keep self-attention outputs
+        self.selective_blocks = -1  # selective: only the first N blocks keep them (-1 = all)
         self.checkpoint_offload = False  # keep checkpointed activations in host memory
 
     # -- helpers -------------------------------------------------------------------------------
@@ -233,10 +234,13 @@ class WanModel(nn.Module):
                           self.time_projection[1].bias.float())
         return e, e0.unflatten(1, (6, self.cfg.dim))
 
-    def _run_block(self, block, x, e0, context, rope, dtype):
+    def _run_block(self, index, block, x, e0, context, rope, dtype):
         if not (self.gradient_checkpointing and torch.is_grad_enabled()):
             return block(x, e0, context, rope, dtype)
-        return block(x, e0, context, rope, dtype, self.checkpoint_mode, self.checkpoint_offload)
+        mode = self.checkpoint_mode
+        if mode == "selective" and 0 <= self.selective_blocks <= index:
+            mode = "full"  # memory is tight: the later blocks recompute their attention
+        return block(x, e0, context, rope, dtype, mode, self.checkpoint_offload)
 
     def compile_blocks(self, **kwargs) -> None:
         """torch.compile every block (one compiled graph serves all of them: same code, the
@@ -266,8 +270,8 @@ class WanModel(nn.Module):
         context = self.embed_context(context)
         if cfg.is_i2v:
             context = torch.cat([self.img_emb(clip_fea.to(dtype)).to(context.dtype), context], dim=1)
-        for block in self.blocks:
-            x = self._run_block(block, x, e0, context, rope, dtype)
+        for i, block in enumerate(self.blocks):
+            x = self._run_block(i, block, x, e0, context, rope, dtype)
         x = self.head(x, e)
         return self.unpatchify(x, grid)
 
