@@ -390,3 +390,16 @@ def test_tiling_lowers_peak_memory_at_480p_real_config():
     assert z.shape == zt.shape == (1, 16, 5, 60, 104) and x.shape == xt.shape == video.shape
     assert torch.isfinite(zt).all() and torch.isfinite(xt).all()
     assert enc_tiled_gib < 0.7 * enc_gib and dec_tiled_gib < 0.7 * dec_gib
+
+
+def test_channels_last_gives_the_same_latents():
+    from wan_model.configs import VAEConfig
+    from wan_model.vae import WanVAE
+
+    torch.manual_seed(0)
+    vae = WanVAE(VAEConfig(dim=8)).eval()
+    video = torch.rand(1, 3, 5, 32, 48) * 2 - 1
+    with torch.no_grad():
+        ref = vae.encode(video)
+        out = vae.use_channels_last().encode(video)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

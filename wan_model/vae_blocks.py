@@ -51,15 +51,23 @@ class CausalConv3d(nn.Conv3d):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         pt, ph, pw = self.padding
-        self._causal_pad = (pw, pw, ph, ph, 2 * pt, 0)
-        self.padding = (0, 0, 0)
+        # Space is zero-padded by the convolution itself (no copy of the input); time only on
+        # the left, with cached frames of the previous chunk first and zeros for the rest.
+        self._time_pad = 2 * pt
+        self.padding = (0, ph, pw)
 
     def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-        pad = list(self._causal_pad)
-        if cache_x is not None and pad[4] > 0:
-            x = torch.cat([cache_x.to(x.device), x], dim=2)
-            pad[4] -= cache_x.shape[2]
-        return super().forward(F.pad(x, pad))
+        pad = self._time_pad
+        if pad == 0:
+            return super().forward(x)
+        parts = [x]
+        if cache_x is not None:
+            cache_x = cache_x[:, :, -pad:].to(x.device, x.dtype)
+            parts.insert(0, cache_x)
+            pad -= cache_x.shape[2]
+        if pad > 0:
+            parts.insert(0, x.new_zeros(*x.shape[:2], pad, *x.shape[3:]))
+        return super().forward(torch.cat(parts, dim=2) if len(parts) > 1 else x)
 
     def forward_cached(self, x: torch.Tensor, cache: FeatureCache | None) -> torch.Tensor:
         """Run on one chunk, using and then refreshing this layer's cache slot."""
