@@ -52,6 +52,7 @@ def environment(device: torch.device, repo: Path) -> dict:
         "transformers": _version("transformers"), "flash_attn": _version("flash_attn") or _version("flash_attn_3"),
         "python": sys.version.split()[0], "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "commit": _commit(repo), "command": " ".join(sys.argv),
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)

@@ -71,15 +71,20 @@ def dit_loader(opts: Options, flavour: str):
 
 
 def build_direct(flavour: str, dtype, device):
-    """A random WanModel drawn tensor by tensor on `device` (no file): same values scheme."""
+    """A random WanModel of a flavour drawn on `device` (no file)."""
+    return build_random_dit(get_flavour(flavour).dit, dtype, device)
+
+
+def build_random_dit(cfg, dtype, device, seed: int = 0):
+    """A random WanModel drawn tensor by tensor on `device` with the values scheme of the
+    checkpoint writer; float32 islands stay float32, as `load_transformer` leaves them."""
     from wan_model.loading import _set_tensor
     from wan_model.random_weights import init_value
     from wan_model.transformer import WanModel, keep_fp32
 
-    cfg = get_flavour(flavour).dit
     with torch.device("meta"):
         model = WanModel(cfg)
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(seed)
     params = dict(model.named_parameters())
     for name, t in list(model.state_dict(keep_vars=True).items()):
         dt = torch.float32 if keep_fp32(name) else dtype
@@ -138,8 +143,10 @@ def run_ours(case: Case, opts: Options, settings: StepSettings, budget_s: float)
            "hardware_tflop": hw_f / 1e12, "tflops": model_f / timing["step_s"] / 1e12,
            "hardware_tflops": hw_f / timing["step_s"] / 1e12,
            "trained_params": sum(p.numel() for p in step.params)}
-    if case.cap_gib:
-        out["cap_gib"] = case.cap_gib if opts.device.type == "cuda" else None
+    if case.cap_gib and opts.device.type == "cuda":
+        out["cap_gib"] = case.cap_gib
+        # the cap is enforced by the allocator; say plainly whether the run stayed under it
+        out["cap_respected"] = mem["peak_reserved_gib"] <= case.cap_gib
     if swap is not None:
         out["block_swap_host_gib"] = swap.host_bytes() / 2**30
     return out
@@ -151,6 +158,7 @@ def run_reference(case: Case, opts: Options, budget_s: float) -> dict:
     flavour = flavour_name(case, opts)
     cfg = get_flavour(flavour).dit
     w, h, f = size_of(case, opts)
+    set_attention("sdpa")  # torch's own SDPA kernel order, as a diffusers user gets it
     t0 = time.perf_counter()
     batch = make_batch(cfg, w, h, f, opts.device)
     step = ReferenceLoraStep(cfg, batch.latents, batch.context, opts.device,
@@ -182,6 +190,7 @@ def _clip(opts: Options, w: int, h: int, f: int) -> torch.Tensor:
 def run_vae(case: Case, opts: Options, ours: bool) -> dict:
     flavour = flavour_name(case, opts)
     w, h, f = (32, 32, 5) if opts.tiny else case.size
+    set_attention("auto" if ours else "sdpa")
     if ours:
         from wan_model.vae import load_vae
 
@@ -216,7 +225,7 @@ def run_sample(case: Case, opts: Options, ours: bool) -> dict:
         from wan_model.sampler import sample
 
         model = dit_loader(opts, flavour)(torch.bfloat16, opts.device)
-        set_attention("cudnn" if opts.device.type == "cuda" else "sdpa", compiled=False)
+        set_attention("auto")
 
         def run(n):
             return sample(model, [ctx[0]], [neg[0]], frames=f, height=h, width=w, steps=n, shift=5.0,
@@ -224,6 +233,7 @@ def run_sample(case: Case, opts: Options, ours: bool) -> dict:
     else:
         from bench.reference import build_pipeline, build_transformer, pipeline_latents
 
+        set_attention("sdpa")
         pipe = build_pipeline(build_transformer(cfg, opts.device))
 
         def run(n):

@@ -8,11 +8,9 @@ never reads a device value on the host, so consecutive steps queue without gaps.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from train.adapters import add_lora, select_full
 from train.config import FullConfig, LoraConfig
@@ -25,7 +23,6 @@ from wan_model.transformer import WanModel
 REFERENCE_TARGETS = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q",
                      "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]
 CHECKPOINTING = ("none", "full", "selective", "offload")
-SDPA_FLAGS = ("cudnn", "flash", "efficient", "math")
 
 
 @dataclass
@@ -62,84 +59,26 @@ def with_changes(s: StepSettings, **kw) -> StepSettings:
     return replace(s, **kw)
 
 
-# ---- attention ------------------------------------------------------------------------------
+# ---- attention and checkpointing: the model's own switches ----------------------------------
 
-def set_attention(name: str, compiled: bool) -> None:
-    """Eager: the project's entry point pins the SDPA kernel per call. Compiled blocks: the
-    global SDPA switches pin it instead, so no context manager sits inside the traced code."""
-    if torch.cuda.is_available():
-        flags = {"cudnn": torch.backends.cuda.enable_cudnn_sdp, "flash": torch.backends.cuda.enable_flash_sdp,
-                 "efficient": torch.backends.cuda.enable_mem_efficient_sdp,
-                 "math": torch.backends.cuda.enable_math_sdp}
-        pin = compiled and name in SDPA_FLAGS
-        for key, fn in flags.items():
-            fn((key == name) if pin else True)
-    if compiled and name in SDPA_FLAGS:
-        attention.set_backend("sdpa")
-    else:
-        attention.set_backend(name)
-
-
-# ---- activation checkpointing ---------------------------------------------------------------
-
-_SDPA_OPS = [getattr(torch.ops.aten, n).default for n in (
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
-    if hasattr(torch.ops.aten, n)]
-
-
-def _keep_self_attention(ctx, op, *args, **kwargs):
-    """Save the outputs of self-attention kernels (queries as long as keys); recompute the rest."""
-    if op in _SDPA_OPS and len(args) >= 2 and args[0].shape[-2] == args[1].shape[-2]:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+def set_attention(name: str, compiled: bool = False) -> None:
+    """The project's entry point: puts the kernel first in torch's SDPA order process-wide (so
+    compiled blocks trace plain SDPA calls). "sdpa" restores torch's own order."""
+    attention.set_backend(name)
 
 
 def install_block_runner(model: WanModel, checkpointing: str, compile_blocks: bool,
                          selective_blocks: int = -1) -> None:
-    """Set how the model runs its blocks (an instance override of `WanModel._run_block`).
-
-    With compile the whole checkpointed block is one compiled function (the checkpoint is
-    traced with it, as torchtitan does); without checkpointing each block is compiled alone.
-    """
+    """Set the model's checkpointing switches (the checkpoint sits inside each block's forward,
+    so a compiled block compiles its checkpoint too) and compile the blocks if asked."""
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"checkpointing {checkpointing!r}: one of {CHECKPOINTING}")
     model.gradient_checkpointing = checkpointing != "none"
+    model.checkpoint_mode = "selective" if checkpointing == "selective" else "full"
+    model.selective_blocks = selective_blocks
     model.checkpoint_offload = checkpointing == "offload"
-    if checkpointing in ("none", "offload", "full") and not compile_blocks:
-        model.__dict__.pop("_run_block", None)  # the model's own runner
-        return
-    if checkpointing == "none":
-        for block in model.blocks:
-            block.compile()
-        model.__dict__.pop("_run_block", None)
-        return
-    selective_ctx = functools.partial(create_selective_checkpoint_contexts, _keep_self_attention)
-
-    def run_full(block, x, e0, context, rope, dtype):
-        return checkpoint(block, x, e0, context, rope, dtype, use_reentrant=False)
-
-    def run_selective(block, x, e0, context, rope, dtype):
-        return checkpoint(block, x, e0, context, rope, dtype, use_reentrant=False,
-                          context_fn=selective_ctx)
-
     if compile_blocks:
-        run_full, run_selective = torch.compile(run_full), torch.compile(run_selective)
-    index = {id(b): i for i, b in enumerate(model.blocks)}
-    offload = checkpointing == "offload"
-
-    def run_block(block, x, e0, context, rope, dtype):
-        if not torch.is_grad_enabled():
-            return block(x, e0, context, rope, dtype)
-        selective = checkpointing == "selective" and (
-            selective_blocks < 0 or index[id(block)] < selective_blocks)
-        fn = run_selective if selective else run_full
-        if offload:
-            with torch.autograd.graph.save_on_cpu(pin_memory=x.device.type == "cuda"):
-                return fn(block, x, e0, context, rope, dtype)
-        return fn(block, x, e0, context, rope, dtype)
-
-    model._run_block = run_block
+        model.compile_blocks()
 
 
 # ---- model + optimizer ----------------------------------------------------------------------

@@ -21,11 +21,18 @@ On a CPU device the same code path runs with plain copies and no streams (tests 
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+try:  # the hooks' copies must stay invisible to selective checkpointing's dispatch modes, which
+    # require the recompute to replay exactly the forward's ops (a cached copy would not)
+    from torch.utils._python_dispatch import _disable_current_modes
+except ImportError:  # pragma: no cover - older torch
+    _disable_current_modes = contextlib.nullcontext
 
 
 @dataclass
@@ -61,10 +68,17 @@ class BlockSwap:
         self.fetches = 0  # host->device copies of a whole block, for tests and the benchmark
         self._warned = False
         self.handles = []
+        self.wrapped: dict[int, tuple[nn.Module, str]] = {}
         for i, block in enumerate(blocks):
-            self.handles.append(block.register_forward_pre_hook(self._make_pre_hook(i)))
             if i in self.entries:
-                self.handles.append(block.register_forward_hook(self._make_post_hook(i)))
+                # The block's inner forward is wrapped (not its __call__): a block that
+                # checkpoints inside its forward recomputes that inner function in backward,
+                # and the weights must be fetched again right there.
+                name = "_forward" if hasattr(block, "_forward") else "forward"
+                setattr(block, name, self._wrap(i, getattr(block, name)))
+                self.wrapped[i] = (block, name)
+            else:  # resident blocks only start the prefetch of the next swapped block
+                self.handles.append(block.register_forward_pre_hook(self._make_pre_hook(i)))
 
     # -- placement -------------------------------------------------------------------------
     def _to_host(self, block: nn.Module) -> list[_Entry]:
@@ -164,33 +178,45 @@ class BlockSwap:
     def _make_pre_hook(self, i: int):
         @torch._dynamo.disable
         def pre_hook(module, args):
-            if (torch.is_grad_enabled() and not getattr(self.model, "gradient_checkpointing", False)
-                    and not self._warned):
-                self._warned = True
-                warnings.warn("block swap without gradient checkpointing keeps every block's "
-                              "weights on the device until backward, so it saves no memory; "
-                              "turn on train.gradient_checkpointing", stacklevel=2)
-            # A checkpoint recompute may stop early (before the forward hook): restore here.
-            for k in list(self.installed):
-                if k != i:
-                    self._restore_host(k)
-            if i in self.entries:
-                self._install(i, self._acquire(i))
-                self.installed.add(i)
-            nxt = self._next_swapped(i)
-            keep = {i, nxt}
-            for k in list(self.ready):
-                if k not in keep:
-                    del self.ready[k]  # autograd still holds what it saved
-            if nxt is not None and self.prefetch_enabled:
-                self._fetch(nxt)
+            with _disable_current_modes():
+                self._before_block(i)
         return pre_hook
 
-    def _make_post_hook(self, i: int):
+    def _before_block(self, i: int) -> None:
+        if (torch.is_grad_enabled() and not getattr(self.model, "gradient_checkpointing", False)
+                and not self._warned):
+            self._warned = True
+            warnings.warn("block swap without gradient checkpointing keeps every block's "
+                          "weights on the device until backward, so it saves no memory; "
+                          "turn on train.gradient_checkpointing", stacklevel=2)
+        for k in list(self.installed):  # normally none: each call restores its own on exit
+            if k != i:
+                self._restore_host(k)
+        if i in self.entries:
+            self._install(i, self._acquire(i))
+            self.installed.add(i)
+        nxt = self._next_swapped(i)
+        keep = {i, nxt}
+        for k in list(self.ready):
+            if k not in keep:
+                del self.ready[k]  # autograd still holds what it saved
+        if nxt is not None and self.prefetch_enabled:
+            self._fetch(nxt)
+
+    def _wrap(self, i: int, inner):
+        """Weights in, run, host copies back in the module (autograd keeps what it saved).
+        Runs eagerly under torch.compile: a swapped block's time is the transfer's anyway."""
         @torch._dynamo.disable
-        def post_hook(module, args, output):
-            self._restore_host(i)
-        return post_hook
+        def swapped_forward(*args, **kwargs):
+            with _disable_current_modes():
+                self._before_block(i)
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                with _disable_current_modes():
+                    self._restore_host(i)
+        swapped_forward.__wrapped__ = inner
+        return swapped_forward
 
     # -- public ----------------------------------------------------------------------------
     def release(self) -> None:
@@ -205,6 +231,9 @@ class BlockSwap:
         self.release()
         for h in self.handles:
             h.remove()
+        for block, name in self.wrapped.values():
+            delattr(block, name)  # the class's method again
+        self.wrapped.clear()
         for es in self.entries.values():
             for e in es:
                 t = e.host.to(self.device)
