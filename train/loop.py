@@ -46,13 +46,15 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device) -> tuple
 
 
 def build_model(recipe: Recipe, device):
-    base = BASE_DTYPES[recipe.train.base_dtype] if recipe.train.mode == "lora" else torch.float32
-    model = load_transformer(recipe.model.resolve("transformer"), dtype=base, device=device,
-                             flavour=recipe.model.flavour or None)
-    if recipe.train.mode == "lora" and recipe.train.base_dtype == "fp8":
+    t = recipe.train
+    base = BASE_DTYPES[t.base_dtype] if t.mode == "lora" else torch.float32
+    # With block swap the model is loaded to the host; only what stays resident goes to the GPU.
+    model = load_transformer(recipe.model.resolve("transformer"), dtype=base,
+                             device="cpu" if t.block_swap else device, flavour=recipe.model.flavour or None)
+    if t.mode == "lora" and t.base_dtype == "fp8":
         from wan_model.fp8 import quantize_linears_
 
-        quantize_linears_(model)
+        quantize_linears_(model, work_device=device)
     attention.set_backend(recipe.train.attention_backend)
     model.gradient_checkpointing = recipe.train.gradient_checkpointing
     model.checkpoint_mode = recipe.train.checkpoint_mode
@@ -62,10 +64,12 @@ def build_model(recipe: Recipe, device):
         targets = adapters.add_lora(model, recipe.lora)
     else:
         targets = adapters.select_full(model, recipe.full)
-    if recipe.train.block_swap:
+    if t.block_swap:
         from wan_model.block_swap import enable_block_swap
 
-        enable_block_swap(model, recipe.train.block_swap, device)
+        enable_block_swap(model, t.block_swap, device)
+    else:
+        model.to(device)
     if recipe.train.compile:
         model.compile_blocks()
     model.train()
@@ -126,7 +130,8 @@ def train(recipe: Recipe) -> dict:
         ds = acc.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
         ds["train_batch_size"] = recipe.data.batch_size * acc.num_processes * recipe.train.grad_accum
-    model, optimizer = acc.prepare(model, optimizer)
+    # accelerate must not move a block-swapped model to the GPU: its swapped blocks stay on the host
+    model, optimizer = acc.prepare(model, optimizer, device_placement=[not recipe.train.block_swap, True])
 
     step, sampler_state = 0, None
     resume_from = checkpoint.find_resume(recipe.checkpoint.resume, out_dir)

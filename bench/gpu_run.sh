@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Everything this project runs on a GPU machine, in one call:
+#   bash bench/gpu_run.sh tests            # the GPU tests
+#   bash bench/gpu_run.sh bench [args...]  # tools/bench.py (args passed through)
+#   bash bench/gpu_run.sh all [args...]    # both
+# Installs the wheels carried in .whl/ (see the device notes in bench/NOTES.md), then writes logs,
+# results JSON and the BENCHMARKS.md table under $OUT (default bench/out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT/results"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+what=${1:-all}; shift || true
+rc=0
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  python3 -m pytest -q -m gpu tests/test_gpu_fastpath.py tests/test_vae.py 2>&1 | tee "$OUT/gpu_tests.log"
+  rc=${PIPESTATUS[0]}
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  python3 tools/bench.py --results-dir "$OUT/results" --benchmarks-md "$OUT/BENCHMARKS.md" "$@" 2>&1 | tee "$OUT/bench.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+exit $rc
