@@ -41,10 +41,14 @@ def all_cases() -> list[Case]:
         Case("lora-1.3B-81", "ours", "1.3B LoRA r32 832x480x81", settings=[
             FAST, FAST_EAGER, with_changes(FAST_EAGER, checkpointing="full")],
             reference="ref-lora-1.3B-81", estimate_s=110),
+        Case("lora-1.3B-81-s24", "ours", "1.3B LoRA r32 832x480x81, attention kept in 24 of 30 blocks",
+             settings=[with_changes(FAST, selective_blocks=24)], reference="ref-lora-1.3B-81",
+             estimate_s=70, default=False),
         Case("ref-lora-1.3B-81", "reference", "diffusers+PEFT 1.3B LoRA r32 832x480x81 (ckpt)",
              estimate_s=30),
         Case("lora-1.3B-33", "ours", "1.3B LoRA r32 512x320x33", size=SIZE_33, settings=[
-            with_changes(FAST_EAGER, checkpointing="none"), FAST_EAGER],
+            with_changes(FAST, checkpointing="none"), with_changes(FAST_EAGER, checkpointing="none"),
+            FAST_EAGER],
             reference="ref-lora-1.3B-33", estimate_s=12),
         Case("ref-lora-1.3B-33", "reference", "diffusers+PEFT 1.3B LoRA r32 512x320x33 (no ckpt)",
              size=SIZE_33, ref_checkpointing=False, estimate_s=10),

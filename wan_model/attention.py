@@ -45,18 +45,19 @@ def _import_flash_attn():
 _FLASH_ATTN = _import_flash_attn()
 
 
-_DEFAULT_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
-                  SDPBackend.CUDNN_ATTENTION)
+# torch's own kernel order as this process found it ("sdpa" restores exactly this).
+_TORCH_ORDER = list(torch._C._get_sdp_priority_order()) if hasattr(torch._C, "_get_sdp_priority_order") else None
 
 
 def _set_sdpa_order(first: SDPBackend | None) -> None:
-    """Put `first` at the head of torch's SDPA kernel order (None: torch's default order)."""
+    """Put `first` at the head of torch's SDPA kernel order (None: torch's own order)."""
     setter = getattr(torch._C, "_set_sdp_priority_order", None)
-    if setter is None:  # an older torch: the per-call pin in attention() does the job
+    if setter is None or _TORCH_ORDER is None:  # an older torch: attention() pins per call
         return
-    order = [b for b in _DEFAULT_ORDER if b != first]
-    order = ([first] if first is not None else []) + order
-    setter([int(b) for b in order] + [4])  # 4 = OVERRIDEABLE, always last
+    order = list(_TORCH_ORDER)
+    if first is not None:
+        order = [int(first)] + [b for b in order if b != int(first)]
+    setter(order)
 
 
 def set_backend(name: str) -> None:

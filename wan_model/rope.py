@@ -4,7 +4,9 @@ head_dim d is split into complex pairs: the first d/2 - 2*(d/2 // 3) pairs rotat
 index, the next d/2 // 3 with the row, the last d/2 // 3 with the column (22/21/21 at d = 128).
 Each axis has its own frequency ladder 1/10000^(2j/D_a) over its real size D_a. Channels are
 paired as (2i, 2i+1). Angles are computed in float64 once per grid shape and kept as float32
-complex64 rotations on the device, so no block rebuilds them and the hot path has no float64.
+cos/sin tables on the device, so no block rebuilds them and the hot path has no float64. The
+rotation is written in real arithmetic so that a compiled block fuses it (inductor does not
+generate code for complex tensors).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.
 
 
 class RopeCache:
-    """Unit complex rotations per (grid, device), built on the host once, reused by every block."""
+    """cos/sin tables per (grid, device), built on the host once and reused by every block."""
 
     def __init__(self, head_dim: int):
         self.head_dim = head_dim
@@ -41,16 +43,17 @@ class RopeCache:
         key = (tuple(int(g) for g in grid), str(device))
         if key not in self._tables:
             ang = rope_angles(key[0], self.head_dim)
-            rot = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)
-            self._tables[key] = rot[None, :, None, :].to(device, non_blocking=True)
+            cos = ang.cos().float()[None, :, None, :].to(device, non_blocking=True)
+            sin = ang.sin().float()[None, :, None, :].to(device, non_blocking=True)
+            self._tables[key] = (cos, sin)
         return self._tables[key]
 
     def clear(self) -> None:
         self._tables.clear()
 
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of x [B, L, heads, head_dim] (one complex multiply in
-    float32, as pairs (2i, 2i+1) are (real, imaginary)); returns float32."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * rope).flatten(-2)
+def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
+    """Rotate interleaved channel pairs (2i, 2i+1) of x [B, L, heads, head_dim] in float32."""
+    cos, sin = rope
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
