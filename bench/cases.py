@@ -25,6 +25,7 @@ class Case:
     settings: list = field(default_factory=list)  # StepSettings tried in order until one runs
     cap_gib: float | None = None
     ref_checkpointing: bool = True
+    ref_attention: str = "sdpa"  # the reference's kernel order: torch's own, or e.g. "cudnn" first
     reference: str | None = None  # the case this one is compared with
     estimate_s: float = 30.0  # rough H100 cost incl. model setup, for --time-budget
     default: bool = True
@@ -46,6 +47,8 @@ def all_cases() -> list[Case]:
              estimate_s=70, default=False),
         Case("ref-lora-1.3B-81", "reference", "diffusers+PEFT 1.3B LoRA r32 832x480x81 (ckpt)",
              estimate_s=30),
+        Case("ref-lora-1.3B-81-cudnn", "reference", "diffusers+PEFT 1.3B LoRA r32 832x480x81 (ckpt), "
+             "cuDNN attention first", ref_attention="cudnn", estimate_s=30, default=False),
         Case("lora-1.3B-33", "ours", "1.3B LoRA r32 512x320x33", size=SIZE_33, settings=[
             with_changes(FAST, checkpointing="none"), with_changes(FAST_EAGER, checkpointing="none"),
             FAST_EAGER],
@@ -69,6 +72,8 @@ def all_cases() -> list[Case]:
              estimate_s=15),
         Case("sample-ours", "sample-ours", "our sampler, 1.3B, 832x480x81, UniPC + CFG 5",
              reference="sample-diffusers", estimate_s=20),
+        Case("sample-diffusers-cudnn", "sample-diffusers", "diffusers WanPipeline, 1.3B, 832x480x81, "
+             "UniPC + CFG 5, cuDNN attention first", ref_attention="cudnn", estimate_s=20, default=False),
         Case("sample-diffusers", "sample-diffusers", "diffusers WanPipeline, 1.3B, 832x480x81, UniPC + CFG 5",
              estimate_s=20),
     ]

@@ -57,6 +57,9 @@ def environment(device: torch.device, repo: Path) -> dict:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env["memory_gib"] = round(p.total_memory / 2**30, 1)
+        from wan_model import attention
+        names = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+        env["torch_sdpa_order"] = [names.get(b, b) for b in (attention._TORCH_ORDER or [])]
         env["sm_count"] = p.multi_processor_count
     return env
 

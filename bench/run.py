@@ -158,7 +158,7 @@ def run_reference(case: Case, opts: Options, budget_s: float) -> dict:
     flavour = flavour_name(case, opts)
     cfg = get_flavour(flavour).dit
     w, h, f = size_of(case, opts)
-    set_attention("sdpa")  # torch's own SDPA kernel order, as a diffusers user gets it
+    set_attention(case.ref_attention)  # "sdpa": torch's own kernel order, as a diffusers user gets it
     t0 = time.perf_counter()
     batch = make_batch(cfg, w, h, f, opts.device)
     step = ReferenceLoraStep(cfg, batch.latents, batch.context, opts.device,
@@ -170,7 +170,7 @@ def run_reference(case: Case, opts: Options, budget_s: float) -> dict:
     mem = peak_memory(opts.device)
     fwd = forward_flops(cfg, w, h, f, lora_rank=32)
     model_f, hw_f = step_flops(fwd, "lora", "full" if case.ref_checkpointing else "none")
-    return {"kind": "train", "settings_label": f"diffusers+peft lora r32 sdpa-default "
+    return {"kind": "train", "settings_label": f"diffusers+peft lora r32 attn={case.ref_attention} "
             f"ckpt={'full' if case.ref_checkpointing else 'none'} adamw", "setup_s": setup_s,
             **timing, **mem, "tokens": fwd.tokens, "model_tflop": model_f / 1e12,
             "hardware_tflop": hw_f / 1e12, "tflops": model_f / timing["step_s"] / 1e12,
@@ -242,7 +242,7 @@ def run_sample(case: Case, opts: Options, ours: bool) -> dict:
     else:
         from bench.reference import build_pipeline, build_transformer, pipeline_latents
 
-        set_attention("sdpa")
+        set_attention(case.ref_attention)
         pipe = build_pipeline(build_transformer(cfg, opts.device))
 
         def run(n):
