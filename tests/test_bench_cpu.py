@@ -55,7 +55,7 @@ def test_tiny_run_writes_json_table_and_markdown(tmp_path):
     assert len(files) == 1
     res = json.loads(files[0].read_text())
     expected = ["matmul", "lora-1.3B-81", "ref-lora-1.3B-81", "lora-14B-81-24G", "vae-ours",
-                "vae-diffusers", "sample-ours", "sample-diffusers"]
+                "vae-diffusers", "sample-ours", "sample-diffusers-cudnn", "sample-diffusers"]
     assert list(res["cases"]) == expected
     bad = {k: v.get("error") for k, v in res["cases"].items() if v["status"] != "ok"}
     assert not bad, bad
