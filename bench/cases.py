@@ -61,8 +61,7 @@ def all_cases() -> list[Case]:
             lora14, with_changes(lora14, compile=False), with_changes(FAST_EAGER, checkpointing="full")],
             reference="ref-lora-14B-81", estimate_s=170),
         Case("lora-14B-81-24G", "ours", "14B LoRA r32 832x480x81 under a 24 GiB cap",
-             flavour="t2v-14B", cap_gib=24.0, settings=[with_changes(capped, block_swap=0), capped,
-                                                         with_changes(capped, block_swap=40)],
+             flavour="t2v-14B", cap_gib=24.0, settings=[capped, with_changes(capped, block_swap=40)],
              reference="ref-lora-14B-81", estimate_s=80),
         Case("full-1.3B-81", "ours", "1.3B full fine-tune 832x480x81", settings=[
             StepSettings(mode="full", attention="cudnn", checkpointing="selective"),

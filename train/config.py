@@ -201,6 +201,8 @@ class Recipe:
             out.append(f"train.caption_dropout={t.caption_dropout}: must be in [0, 1]")
         if t.mode == "lora" and (self.lora.rank < 1 or not self.lora.targets):
             out.append("lora: rank must be >= 1 and targets non-empty")
+        if t.block_swap < 0:
+            out.append(f"train.block_swap={t.block_swap}: must be >= 0")
         if t.mode == "full" and t.base_dtype == "fp8":
             out.append("train.base_dtype=fp8 is for LoRA only: full fine-tuning trains the weights themselves")
         v = self.validation

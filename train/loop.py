@@ -130,8 +130,11 @@ def train(recipe: Recipe) -> dict:
         ds = acc.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
         ds["train_batch_size"] = recipe.data.batch_size * acc.num_processes * recipe.train.grad_accum
-    # accelerate must not move a block-swapped model to the GPU: its swapped blocks stay on the host
-    model, optimizer = acc.prepare(model, optimizer, device_placement=[not recipe.train.block_swap, True])
+    if recipe.train.block_swap and not deepspeed:
+        # accelerate must not move a block-swapped model to the GPU: its swapped blocks stay on the host
+        model, optimizer = acc.prepare(model, optimizer, device_placement=[False, True])
+    else:
+        model, optimizer = acc.prepare(model, optimizer)
 
     step, sampler_state = 0, None
     resume_from = checkpoint.find_resume(recipe.checkpoint.resume, out_dir)
