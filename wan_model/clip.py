@@ -182,9 +182,14 @@ class _RecipeSource:
     def __init__(self, source, recipe: dict, describe: str):
         self.source, self.recipe, self.describe = source, recipe, describe
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         srcs, fn = self.recipe[name]
-        return fn([self.source.get(s) for s in srcs])
+        out = fn([self.source.get(s) for s in srcs])
+        return out.to(dtype) if dtype is not None else out
+
+    def dtypes(self) -> dict:
+        stored = self.source.dtypes()
+        return {name: stored[srcs[0]] for name, (srcs, _) in self.recipe.items()}
 
 
 def _official_plan(source, names: dict[str, str], path: Path):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 SAFETENSORS_INDEX = ".safetensors.index.json"
+_CHUNK_BYTES = 1 << 20  # dtype conversion while reading goes through a buffer this size
 
 
 class WeightsError(ValueError):
@@ -52,10 +53,12 @@ class WeightsSource:
     def dtypes(self) -> dict[str, torch.dtype]:
         return dict(self._dtypes)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor, converted to `dtype` if given (safetensors convert in 1 MiB pieces, so
+        no full-size copy in the file's dtype is ever held)."""
         handle = self._handles[self._where[name]]
         try:
-            return handle.get(name)
+            return handle.get(name, dtype)
         except Exception as e:  # a truncated file shows up here for .pth
             raise WeightsError(f"{handle.path}: cannot read tensor {name!r} ({e}); the file is "
                                "probably truncated or corrupt: download it again") from e
@@ -98,24 +101,39 @@ class _SafetensorsFile:
     def metadata(self) -> dict:
         return dict(self._meta)
 
-    def get(self, name):
+    def get(self, name, dtype=None):
         # Read the bytes straight into a fresh tensor (no mmap), so the page cache does not count
-        # toward this process's memory and a converted copy can replace it at once.
+        # toward this process's memory. A dtype change goes through one small reused buffer.
         h = self._header[name]
         start, end = h["data_offsets"]
-        buf = torch.empty(end - start, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
+        stored = _ST_DTYPES[h["dtype"]]
+        convert = dtype is not None and dtype != stored and stored.is_floating_point
         with self.path.open("rb", buffering=0) as fh:
             fh.seek(8 + self._header_len + start)
-            got = 0
-            while got < len(view):
-                n = fh.readinto(view[got:])
-                if not n:
-                    raise WeightsError(f"{self.path}: file ended inside tensor {name!r}; it is "
-                                       "truncated: download it again")
-                got += n
-        dtype = _ST_DTYPES[h["dtype"]]
-        return buf.view(dtype).reshape(h["shape"])
+            if not convert:
+                buf = torch.empty(end - start, dtype=torch.uint8)
+                self._read_into(fh, buf, name)
+                return buf.view(stored).reshape(h["shape"])
+            out = torch.empty(h["shape"], dtype=dtype).view(-1)
+            item = torch.empty((), dtype=stored).element_size()
+            step = max(1, _CHUNK_BYTES // item)
+            scratch = torch.empty(step * item, dtype=torch.uint8)
+            for i in range(0, out.numel(), step):
+                n = min(step, out.numel() - i)
+                piece = scratch[: n * item]
+                self._read_into(fh, piece, name)
+                out[i:i + n] = piece.view(stored)
+            return out.view(h["shape"])
+
+    def _read_into(self, fh, buf: torch.Tensor, name: str) -> None:
+        view = memoryview(buf.numpy())
+        got = 0
+        while got < len(view):
+            n = fh.readinto(view[got:])
+            if not n:
+                raise WeightsError(f"{self.path}: file ended inside tensor {name!r}; it is "
+                                   "truncated: download it again")
+            got += n
 
 
 class _PthFile:
@@ -148,8 +166,9 @@ class _PthFile:
     def metadata(self) -> dict:
         return {}
 
-    def get(self, name):
-        return self._sd[name]
+    def get(self, name, dtype=None):
+        t = self._sd[name]
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
 _ST_DTYPES = {
@@ -255,11 +274,13 @@ def assign_weights(model: nn.Module, source: WeightsSource, names: dict[str, str
     if torch.device(device).type == "meta":  # a structural check: names and shapes only
         return model
     params = dict(model.named_parameters())
+    stored = source.dtypes()
     for file_name, name in names.items():
-        t = source.get(file_name)
+        target = torch.float32 if keep_fp32(name) else (dtype or stored[file_name])
+        wanted = target if stored[file_name].is_floating_point and transform is None else None
+        t = source.get(file_name, wanted)
         if transform is not None:
             t = transform(name, t)
-        target = torch.float32 if keep_fp32(name) else (dtype or t.dtype)
         if t.is_floating_point():
             t = t.to(device=device, dtype=target)
         else:
