@@ -44,7 +44,7 @@ def parse_args(argv):
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--tiny", action="store_true", help="tiny flavour and sizes (tests; CPU or GPU)")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
-    p.add_argument("--work-dir", default=str(REPO / "bench" / "work"), help="random model files (reused)")
+    p.add_argument("--work-dir", default=str(REPO / "bench" / "models"), help="random model files (reused)")
     p.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
     p.add_argument("--benchmarks-md", default=str(REPO / "BENCHMARKS.md"), help="'' to skip")
     p.add_argument("--time-budget", type=float, default=540.0,

@@ -9,7 +9,6 @@ recomputed: keeping it would cost as much memory for almost no time.
 from __future__ import annotations
 
 import contextlib
-from functools import partial
 
 import torch
 from torch.utils.checkpoint import checkpoint

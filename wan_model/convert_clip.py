@@ -9,7 +9,6 @@ ComfyUI's `clip_vision_h.safetensors` uses the transformers names.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -17,8 +16,7 @@ from pathlib import Path
 import torch
 
 from .configs import CLIPConfig
-from .loading import (WeightsError, rename_by_rules, save_safetensors_atomic,
-                      save_sharded_safetensors, save_torch_atomic, write_text_atomic)
+from .loading import COMPONENT_LAYOUTS, WeightsError, rename_by_rules, save_component
 
 # official -> transformers, for the tensors that only change name
 CLIP_TO_TRANSFORMERS = [
@@ -141,7 +139,7 @@ def clip_config_from_transformers(d: dict) -> CLIPConfig:
                       num_layers=d["num_hidden_layers"], eps=d.get("layer_norm_eps", 1e-5))
 
 
-LAYOUTS = ("official", "transformers", "comfyui")
+LAYOUTS = COMPONENT_LAYOUTS
 
 
 def save_clip_vision(model, path: str | os.PathLike, layout: str = "official",
@@ -152,26 +150,12 @@ def save_clip_vision(model, path: str | os.PathLike, layout: str = "official",
     - "transformers": a `CLIPVisionModelWithProjection` folder (config.json + model.safetensors).
     - "comfyui": one `.safetensors` with the transformers names.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
     tower = getattr(model, "model", model)
-    sd = {k: (v.to(dtype) if dtype is not None else v).detach().cpu()
-          for k, v in tower.state_dict().items()}
-    path = Path(path)
-    if layout == "official":
-        if path.suffix == ".safetensors":
-            save_safetensors_atomic(sd, path)
-        else:
-            save_torch_atomic(sd, path)
-        return path
-    sd = clip_to_transformers(sd)
-    if layout == "comfyui":
-        save_safetensors_atomic(sd, path)
-        return path
-    config = transformers_clip_config(tower.config)
-    config["dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
-    if T_HEAD not in sd:  # a tower loaded from a CLIPVisionModel file has no projection
-        config["architectures"] = ["CLIPVisionModel"]
-    save_sharded_safetensors(sd, path, stem="model")
-    write_text_atomic(path / "config.json", json.dumps(config, indent=2))
-    return path
+
+    def config(sd: dict) -> dict:
+        c = transformers_clip_config(tower.config)
+        if T_HEAD not in sd:  # a tower loaded from a CLIPVisionModel file has no projection
+            c["architectures"] = ["CLIPVisionModel"]
+        return c
+
+    return save_component(tower.state_dict(), path, layout, clip_to_transformers, config, dtype)

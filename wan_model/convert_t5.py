@@ -6,7 +6,6 @@ files keep one of them, and `shared.weight` is what `from_pretrained` expects.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -14,8 +13,7 @@ from pathlib import Path
 import torch
 
 from .configs import T5Config
-from .loading import (WeightsError, rename_by_rules, save_safetensors_atomic,
-                      save_sharded_safetensors, save_torch_atomic, write_text_atomic)
+from .loading import COMPONENT_LAYOUTS, WeightsError, rename_by_rules, save_component
 
 TIED_EMBEDDING = "encoder.embed_tokens.weight"
 
@@ -126,7 +124,7 @@ def t5_config_from_transformers(d: dict, vocab: int | None = None) -> T5Config:
                     max_dist=d.get("relative_attention_max_distance", 128))
 
 
-LAYOUTS = ("official", "transformers", "comfyui")
+LAYOUTS = COMPONENT_LAYOUTS
 
 
 def save_text_encoder(model, path: str | os.PathLike, layout: str = "official",
@@ -137,24 +135,6 @@ def save_text_encoder(model, path: str | os.PathLike, layout: str = "official",
     - "transformers": a folder with config.json + model.safetensors (sharded above max_shard_bytes).
     - "comfyui": one `.safetensors` with the transformers names.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
     encoder = getattr(model, "model", model)
-    sd = {k: (v.to(dtype) if dtype is not None else v).detach().cpu()
-          for k, v in encoder.state_dict().items()}
-    path = Path(path)
-    if layout == "official":
-        if path.suffix == ".safetensors":
-            save_safetensors_atomic(sd, path)
-        else:
-            save_torch_atomic(sd, path)
-        return path
-    sd = t5_to_transformers(sd)
-    if layout == "comfyui":
-        save_safetensors_atomic(sd, path)
-        return path
-    config = transformers_t5_config(encoder.config)
-    config["dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
-    save_sharded_safetensors(sd, path, stem="model", max_shard_bytes=max_shard_bytes)
-    write_text_atomic(path / "config.json", json.dumps(config, indent=2))
-    return path
+    return save_component(encoder.state_dict(), path, layout, t5_to_transformers,
+                          lambda sd: transformers_t5_config(encoder.config), dtype, max_shard_bytes)

@@ -384,3 +384,37 @@ def save_sharded_safetensors(tensors: dict[str, torch.Tensor], folder: str | os.
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     write_text_atomic(folder / f"{stem}{SAFETENSORS_INDEX}", json.dumps(index, indent=2))
     return files
+
+
+COMPONENT_LAYOUTS = ("official", "transformers", "comfyui")
+
+
+def save_component(sd: dict[str, torch.Tensor], path: str | os.PathLike, layout: str,
+                   to_transformers: Callable[[dict], dict], transformers_config: Callable[[dict], dict],
+                   dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write a text encoder or CLIP state dict (official names) in one of three layouts.
+
+    official: one file with the official names, `.pth` (as shipped) or `.safetensors`;
+    transformers: a folder with config.json + model.safetensors (sharded above max_shard_bytes);
+    comfyui: one `.safetensors` with the transformers names. `transformers_config(sd)` gets the
+    converted tensors and returns the config.json dict.
+    """
+    if layout not in COMPONENT_LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {COMPONENT_LAYOUTS}")
+    sd = {k: (v.to(dtype) if dtype is not None else v).detach().cpu() for k, v in sd.items()}
+    path = Path(path)
+    if layout == "official":
+        if path.suffix == ".safetensors":
+            save_safetensors_atomic(sd, path)
+        else:
+            save_torch_atomic(sd, path)
+        return path
+    sd = to_transformers(sd)
+    if layout == "comfyui":
+        save_safetensors_atomic(sd, path)
+        return path
+    config = transformers_config(sd)
+    config["dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+    save_sharded_safetensors(sd, path, stem="model", max_shard_bytes=max_shard_bytes)
+    write_text_atomic(path / "config.json", json.dumps(config, indent=2))
+    return path
