@@ -250,3 +250,16 @@ def test_block_swap_and_offload_run_through_the_trainer(workdir):
     assert swapped.returncode == 0, swapped.stderr[-3000:]
     a, b = losses(workdir, "levers_plain"), losses(workdir, "levers_swap")
     assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_previews_leave_the_training_state_untouched(workdir):
+    """Rendering previews every step (sampling, mode switches, RNG use) changes no loss."""
+    sched = {"train.optim.scheduler": "constant", "train.optim.warmup_steps": 0, "train.max_steps": 3,
+             "lora.dropout": 0.1}  # dropout draws from the global generator the previews also use
+    quiet = run_train(workdir, "no_previews", **sched)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    loud = run_train(workdir, "previews", **{**sched, "validation.prompts": "[a red circle]",
+                                              "validation.every": 1, "validation.steps": 2})
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    assert len(list((workdir / "previews" / "samples").glob("step-*/*.mp4"))) == 4  # start + 3 steps
+    assert losses(workdir, "no_previews") == losses(workdir, "previews")
