@@ -323,6 +323,28 @@ def write_manifest(plan: Plan, cache_dir: Path, settings: dict, prune: bool = Tr
     return manifest
 
 
+def scan_with_report(cfg: DataConfig, state, progress: bool = True) -> Plan:
+    """Scan the corpus on the main process (printing the dataset report, saving it as
+    report.txt and the file probes), then on the other ranks from those probes, so each file is
+    decoded for probing once. `state`: an accelerate Accelerator/PartialState."""
+    from .cache_files import read_probes
+    from .plan import scan
+    from .report import format_report
+
+    media = Path(cfg.cache_dir) / "media"
+    if state.is_main_process:
+        plan = scan(cfg, known=read_probes(cfg.cache_dir), progress=progress, media_dir=media)
+        report = format_report(plan)
+        print(report, flush=True)
+        Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.cache_dir) / "report.txt").write_text(report + "\n")
+        write_probes(plan)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        plan = scan(cfg, known=read_probes(cfg.cache_dir), progress=False, media_dir=media)
+    return plan
+
+
 def write_probes(plan: Plan) -> None:
     """Save every file's hash and probe so the next scan (or another rank) skips decoding."""
     from wan_model.loading import write_text_atomic

@@ -17,11 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
 
-from data.cache import build_cache, conditioning_is_i2v, model_encoders  # noqa: E402
-from data.cache_files import read_probes  # noqa: E402
-from data.plan import scan  # noqa: E402
+from data.cache import build_cache, conditioning_is_i2v, model_encoders, scan_with_report  # noqa: E402
 from data.recipe import load_recipe_for_tools  # noqa: E402
-from data.report import format_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,19 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     state = Accelerator()  # reads the launcher's settings (ACCELERATE_USE_CPU, ranks) like train.py
     rank, world = state.process_index, state.num_processes
-    media = Path(cfg.cache_dir) / "media"
-    if rank == 0:  # rank 0 probes every file; the others reuse its probe results
-        plan = scan(cfg, known=read_probes(cfg.cache_dir), progress=not args.no_progress, media_dir=media)
-        report = format_report(plan)
-        print(report, flush=True)
-        Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.cache_dir) / "report.txt").write_text(report + "\n")
-        if world > 1:
-            from data.cache import write_probes
-            write_probes(plan)
-    state.wait_for_everyone()
-    if rank != 0:
-        plan = scan(cfg, known=read_probes(cfg.cache_dir), progress=False, media_dir=media)
+    plan = scan_with_report(cfg, state, progress=not args.no_progress)
     if not plan.items:
         print("nothing usable to cache (see the report above)", file=sys.stderr)
         return 1

@@ -5,30 +5,16 @@ compared with the cache manifest, and whatever is new or changed is encoded firs
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from data.cache import (build_cache, cache_settings, conditioning_is_i2v, model_encoders,
-                        model_identity, verify_cache, write_probes)
-from data.cache_files import read_probes
-from data.plan import scan
-from data.report import bucket_table, format_report
+                        model_identity, scan_with_report, verify_cache)
+from data.report import bucket_table
 
 
 def prepare_cache(recipe, acc) -> tuple[dict, str]:
     """Returns (the cache settings training must find, a one-line dataset summary)."""
     cfg, paths = recipe.data, recipe.model
     i2v = conditioning_is_i2v(cfg, paths)
-    media = Path(cfg.cache_dir) / "media"
-    if acc.is_main_process:
-        plan = scan(cfg, known=read_probes(cfg.cache_dir), progress=True, media_dir=media)
-        report = format_report(plan)
-        acc.print(report)
-        Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.cache_dir) / "report.txt").write_text(report + "\n")
-        write_probes(plan)
-    acc.wait_for_everyone()
-    if not acc.is_main_process:
-        plan = scan(cfg, known=read_probes(cfg.cache_dir), progress=False, media_dir=media)
+    plan = scan_with_report(cfg, acc)
     if not plan.items:
         raise ValueError(f"nothing usable to train on in {[s.path for s in cfg.sources]}: "
                          "see the dataset report above (tools/inspect_dataset.py RECIPE)")
