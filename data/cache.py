@@ -63,6 +63,8 @@ def model_encoders(paths, cfg: DataConfig, i2v: bool, device: str | torch.device
         if on_gpu:  # same numbers, faster convolutions: channels-last weights, tuned cuDNN algorithms
             torch.backends.cudnn.benchmark = True
             model.use_channels_last()
+            if cfg.vae_compile:
+                model.fuse_elementwise()
         return model
 
     def text():

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--solver", choices=SOLVERS, default="unipc")
     s.add_argument("--compile", action="store_true",
-                   help="torch.compile the DiT blocks (faster on GPUs after a warm-up step)")
+                   help="torch.compile the DiT blocks and the VAE's norm+SiLU (faster on GPUs after "
+                        "a warm-up step)")
     s.add_argument("--cfg-batch", action="store_true",
                    help="run cond and uncond in one batch-2 forward (faster, more memory)")
     o = p.add_argument_group("output")
@@ -130,6 +131,7 @@ def run(a) -> list[Path]:
     sampler = WanSampler.load(paths, device=device, dtype=dtype)
     if a.compile:
         sampler.transformer.compile_blocks()
+        sampler.vae.fuse_elementwise()
     task = sampler.task
     jobs = [resolve_spec(s, a, task) for s in specs]
     if task == "i2v" and any(j["image"] is None for j in jobs):

@@ -37,6 +37,8 @@ class Previewer:
             raise ValueError("validation: this is an I2V model; give every validation prompt an "
                              "image (a prompts_file entry with `image: path`)")
         self.vae = wan_model.load_vae(paths.resolve("vae"), dtype=torch.float32, device="cpu")
+        if recipe.train.compile and acc.device.type == "cuda":
+            self.vae.fuse_elementwise()  # decode's norm+SiLU passes as one kernel each
         self.clip = (wan_model.load_clip_vision(paths.resolve("clip"), dtype=torch.float32, device="cpu")
                      if self.i2v else None)
         text = wan_model.load_text_encoder(paths.resolve("text_encoder"), paths.resolve("tokenizer"),

@@ -24,7 +24,7 @@ from .configs import VAEConfig
 from .convert_vae import diffusers_layout, official_layout, vae_name_from_diffusers
 from .loading import (WeightsError, assign_weights, check_keys, expected_shapes, open_weights,
                       strip_prefix)
-from .vae_blocks import Decoder3d, Encoder3d, FeatureCache, CausalConv3d
+from .vae_blocks import CausalConv3d, Decoder3d, Encoder3d, FeatureCache, RMS_norm, compiled_norm_act
 
 SPATIAL = 8  # pixels per latent along H and W
 TEMPORAL = 4  # frames per latent frame after the first
@@ -103,6 +103,18 @@ class WanVAE(nn.Module):
             if isinstance(m, nn.Conv3d):
                 m.weight.data = m.weight.data.contiguous(memory_format=fmt)
         self.channels_last = on
+        return self
+
+    def fuse_elementwise(self, on: bool = True) -> "WanVAE":
+        """Run every RMS_norm (with the SiLU after it) as one compiled kernel (torch.compile).
+
+        On an H100 the eager norm and SiLU passes are about half of an encode; fused, they are
+        one read and one write per activation. Numbers agree with eager to bf16 rounding. The
+        first call of each new shape compiles (seconds); later calls reuse the kernel."""
+        kernel = compiled_norm_act() if on else None
+        for m in self.modules():
+            if isinstance(m, RMS_norm):
+                m.kernel = kernel
         return self
 
     @property
