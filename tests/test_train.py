@@ -42,7 +42,7 @@ def run_train(d: Path, out: str, launcher=("python3",), **extra):
 
 def losses(d: Path, out: str) -> dict[int, float]:
     lines = (d / out / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["train/loss"] for r in map(json.loads, lines)}
+    return {r["step"]: r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r}
 
 
 def test_every_shipped_recipe_validates():
@@ -263,3 +263,7 @@ def test_previews_leave_the_training_state_untouched(workdir):
     assert loud.returncode == 0, loud.stderr[-3000:]
     assert len(list((workdir / "previews" / "samples").glob("step-*/*.mp4"))) == 4  # start + 3 steps
     assert losses(workdir, "no_previews") == losses(workdir, "previews")
+    rows = [json.loads(x) for x in (workdir / "previews" / "metrics.jsonl").read_text().splitlines()]
+    renders = [r for r in rows if "validation/seconds" in r]  # the cost of every render is logged
+    assert [r["step"] for r in renders] == [0, 1, 2, 3]
+    assert all(r["validation/seconds"] > 0 and r["validation/videos"] == 1 for r in renders)

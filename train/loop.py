@@ -168,7 +168,7 @@ def train(recipe: Recipe) -> dict:
         _plain(recipe), default=str))}, acc.is_main_process, step)
     previews = _previewer(recipe, acc, model, out_dir)
     if previews and recipe.validation.at_start and step == 0:
-        tracker.log_videos(step, previews.render(step))
+        _preview(previews, tracker, step)
         tracker.reset_clock()
 
     losses: list[float] = []
@@ -209,16 +209,17 @@ def train(recipe: Recipe) -> dict:
                   dit_cfg, summary)
             tracker.reset_clock()
         if previews and recipe.validation.every and step % recipe.validation.every == 0:
-            tracker.log_videos(step, previews.render(step))
+            _preview(previews, tracker, step)
             tracker.reset_clock()
     if previews and recipe.validation.at_end and not (
             recipe.validation.every and step % recipe.validation.every == 0):
-        tracker.log_videos(step, previews.render(step))
+        _preview(previews, tracker, step)
     exported = _export(recipe, acc, model, ema, dit_cfg, step, summary)
     elapsed = time.perf_counter() - t_start
     tracker.close()
     result = {"step": step, "losses": losses, "exported": [str(p) for p in exported],
-              "seconds": elapsed, "step_times": tracker.step_times}
+              "seconds": elapsed, "step_times": tracker.step_times,
+              "preview_times": tracker.preview_times}
     acc.wait_for_everyone()
     del model, optimizer, loader, batches
     acc.free_memory()
@@ -231,6 +232,15 @@ def _plain(recipe: Recipe) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True)
+
+
+def _preview(previews, tracker, step: int) -> None:
+    """Render the previews of a step; the render is timed to its end on the device."""
+    t0 = time.perf_counter()
+    paths = previews.render(step)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    tracker.log_videos(step, paths, seconds=time.perf_counter() - t0)
 
 
 def _previewer(recipe: Recipe, acc, model, out_dir: Path):

@@ -15,6 +15,7 @@ class Tracker:
         self.bar = None
         self.t_last = time.perf_counter()
         self.step_times: list[float] = []
+        self.preview_times: list[tuple[int, float]] = []  # (step, seconds per render)
         if not enabled:
             return
         out = Path(recipe.run.output_dir)
@@ -54,11 +55,26 @@ class Tracker:
             if self.wandb:
                 self.wandb.log(metrics, step=step)
 
-    def log_videos(self, step: int, paths: list[Path]) -> None:
-        if self.wandb and paths:
+    def log_videos(self, step: int, paths: list[Path], seconds: float | None = None) -> None:
+        """A finished preview render: its videos to wandb, its cost to metrics.jsonl and TB."""
+        if seconds is not None:
+            self.preview_times.append((step, seconds))
+        if not self.enabled:
+            return
+        if seconds is not None:
+            with self.metrics_file.open("a") as f:
+                f.write(json.dumps({"step": step, "validation/seconds": seconds,
+                                    "validation/videos": len(paths)}) + "\n")
+            if self.tb:
+                self.tb.add_scalar("validation/seconds", seconds, step)
+        if self.wandb:
             import wandb
 
-            self.wandb.log({"validation": [wandb.Video(str(p), caption=p.stem) for p in paths]}, step=step)
+            log = {"validation/seconds": seconds} if seconds is not None else {}
+            if paths:
+                log["validation"] = [wandb.Video(str(p), caption=p.stem) for p in paths]
+            if log:
+                self.wandb.log(log, step=step)
 
     def reset_clock(self) -> None:
         """After a preview or checkpoint, so its time is not charged to the next step."""
