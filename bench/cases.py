@@ -19,6 +19,7 @@ TINY_SIZE = (64, 64, 5)
 class Case:
     name: str
     kind: str  # matmul | ours | reference | vae-ours | vae-diffusers | sample-ours | sample-diffusers
+    #            | cache (the whole caching stage) | previews (training with previews)
     what: str
     flavour: str = "t2v-1.3B"
     size: tuple = SIZE_81
@@ -27,6 +28,9 @@ class Case:
     ref_checkpointing: bool = True
     ref_attention: str = "sdpa"  # the reference's kernel order: torch's own, or e.g. "cudnn" first
     reference: str | None = None  # the case this one is compared with
+    clips: int = 40  # cache: clips in the written corpus
+    preview: tuple = (832, 480, 33, 30)  # previews: width, height, frames, sampling steps
+    fused_vae: bool = True  # vae-ours: norm+SiLU compiled (as data/cache.py runs it on a GPU)
     estimate_s: float = 30.0  # rough H100 cost incl. model setup, for --time-budget
     default: bool = True
 
@@ -68,6 +72,12 @@ def all_cases() -> list[Case]:
             StepSettings(mode="full", attention="cudnn", checkpointing="full")], estimate_s=45),
         Case("vae-ours", "vae-ours", "our VAE encode bf16, one 832x480x81 clip",
              reference="vae-diffusers", estimate_s=15),
+        Case("vae-ours-eager", "vae-ours", "our VAE encode bf16, eager norm+SiLU (the lever)",
+             reference="vae-diffusers", fused_vae=False, estimate_s=15, default=False),
+        Case("cache-stage", "cache", "caching stage: 40 clips, decode + T5 + VAE, 832x480x81",
+             reference="vae-diffusers", estimate_s=200),
+        Case("train-previews", "previews", "1.3B LoRA training, previews 832x480x33 30 steps CFG",
+             estimate_s=200),
         Case("vae-diffusers", "vae-diffusers", "diffusers AutoencoderKLWan encode bf16, 832x480x81",
              estimate_s=15),
         Case("sample-ours", "sample-ours", "our sampler, 1.3B, 832x480x81, UniPC + CFG 5",

@@ -9,8 +9,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT/results"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl || exit 1
+WHEELS=${WHEELS:-.whl}  # e.g. WHEELS=.whl-bench: a subset that fits the carry limit beside PyAV
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site "$WHEELS"/*.whl || exit 1
   export PYTHONPATH=$PWD/.site:$PWD
 else
   export PYTHONPATH=$PWD

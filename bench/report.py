@@ -94,6 +94,19 @@ def table_rows(results: dict) -> list[list[str]]:
         elif kind == "vae":
             rows.append([name, r["what"], f"{r['clip_s']:.2f} s/clip", _f(r.get("peak_allocated_gib")),
                          _f(r.get("peak_reserved_gib")), "", "", _ratio(r), f"{r['clips_per_min']:.1f} clips/min"])
+        elif kind == "cache":
+            rows.append([name, r["what"], f"{r['clip_s']:.2f} s/clip", _f(r.get("peak_allocated_gib")),
+                         _f(r.get("peak_reserved_gib")), "", "", _ratio(r),
+                         f"{r['clips_per_min']:.1f} clips/min steady (VAE+decode {r['vae_clip_s']:.2f} s, "
+                         f"T5 {r['text_per_clip_s']:.3f} s per clip); {r['clips']} clips end to end "
+                         f"{r['end_to_end_s']:.0f} s incl. loads = {r['end_to_end_clips_per_min']:.1f}/min"])
+        elif kind == "previews":
+            p = r["preview"]
+            rows.append([name, r["what"], f"{r['render_s']:.2f} s/render", _f(r.get("peak_allocated_gib")),
+                         _f(r.get("peak_reserved_gib")), "", "", "",
+                         f"{p['width']}x{p['height']}x{p['frames']} {p['steps']} steps; first render "
+                         f"{r['first_render_s']:.1f} s (compiles); train step {r['step_before_preview_s']:.3f} s "
+                         f"before / {r['step_after_preview_s']:.3f} s after a preview"])
         elif kind == "sample":
             rows.append([name, r["what"], f"{r['step_s']:.3f} s/step", _f(r.get("peak_allocated_gib")),
                          _f(r.get("peak_reserved_gib")), _f(r.get("tflops"), "{:.0f}"), _f(r.get("mfu"), "{:.0%}"),

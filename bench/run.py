@@ -48,8 +48,8 @@ def model_dir(opts: Options, flavour: str, components: tuple = ("dit", "vae")) -
     if not set(components) <= set(have):
         t0 = time.perf_counter()
         dev = "cuda" if opts.device.type == "cuda" else "cpu"
-        write_random_checkpoint(out, flavour, components=list(components), dtype=torch.bfloat16,
-                                device=dev, log=opts.log)
+        write_random_checkpoint(out, flavour, components=[c for c in components if c not in have],
+                                dtype=torch.bfloat16, device=dev, log=opts.log)
         info = json.loads(marker.read_text())
         info["bench_components"] = sorted(set(components) | set(have))
         marker.write_text(json.dumps(info, indent=2))
@@ -197,6 +197,8 @@ def run_vae(case: Case, opts: Options, ours: bool) -> dict:
         vae = load_vae(model_dir(opts, flavour) / "Wan2.1_VAE.pth", dtype=vae_dtype(opts), device=opts.device)
         if opts.device.type == "cuda":  # as data/cache.py runs it on a GPU
             vae.use_channels_last()
+            if case.fused_vae:
+                vae.fuse_elementwise()
         encode = lambda v: vae.encode(v)  # noqa: E731
     else:
         from bench.reference import build_vae, vae_encode

@@ -14,8 +14,9 @@ from wan_model.configs import FLAVOURS
 
 REPO = Path(__file__).resolve().parents[1]
 # ours with selective checkpointing, the diffusers reference, fp8 + block swap + offload,
-# both VAEs and both samplers (the other cases only change sizes and settings)
-CASES = "lora-1.3B-81,ref-lora-1.3B-81,lora-14B-81-24G,vae-*,sample-*"
+# both VAEs and both samplers, the caching stage and training with previews (the other cases
+# only change sizes and settings)
+CASES = "lora-1.3B-81,ref-lora-1.3B-81,lora-14B-81-24G,vae-*,cache-stage,train-previews,sample-*"
 
 
 def test_flop_counts_match_the_issue_floors():
@@ -37,7 +38,7 @@ def test_case_selection():
     cases = all_cases()
     names = [c.name for c in select(cases, "default")]
     assert names[0] == "matmul" and "lora-14B-81-24G" in names and not any(n.startswith("lever-") for n in names)
-    assert [c.name for c in select(cases, "vae-*")] == ["matmul", "vae-ours", "vae-diffusers"]
+    assert [c.name for c in select(cases, "vae-*")] == ["matmul", "vae-ours", "vae-ours-eager", "vae-diffusers"]
     assert all(c.name.startswith("lever-") or c.name == "matmul" for c in select(cases, "levers"))
     with pytest.raises(ValueError, match="matches no case"):
         select(cases, "nonsense")
@@ -55,7 +56,8 @@ def test_tiny_run_writes_json_table_and_markdown(tmp_path):
     assert len(files) == 1
     res = json.loads(files[0].read_text())
     expected = ["matmul", "lora-1.3B-81", "ref-lora-1.3B-81", "lora-14B-81-24G", "vae-ours",
-                "vae-diffusers", "sample-ours", "sample-diffusers-cudnn", "sample-diffusers"]
+                "vae-ours-eager", "cache-stage", "train-previews", "vae-diffusers", "sample-ours",
+                "sample-diffusers-cudnn", "sample-diffusers"]
     assert list(res["cases"]) == expected
     bad = {k: v.get("error") for k, v in res["cases"].items() if v["status"] != "ok"}
     assert not bad, bad
@@ -67,6 +69,13 @@ def test_tiny_run_writes_json_table_and_markdown(tmp_path):
     assert capped["settings"]["base_dtype"] == "fp8" and capped["block_swap_host_gib"] > 0
     assert res["cases"]["sample-ours"]["est_50_steps_s"] == pytest.approx(50 * res["cases"]["sample-ours"]["step_s"])
     assert res["cases"]["vae-ours"]["clips_per_min"] > 0
+    cache = res["cases"]["cache-stage"]
+    assert cache["clips"] == 6 and cache["clip_s"] > cache["vae_clip_s"] > 0 and cache["text_s"] > 0
+    assert cache["speedup_vs_reference"] > 0 and cache["end_to_end_s"] > cache["clips"] * cache["vae_clip_s"]
+    prev = res["cases"]["train-previews"]
+    assert len(prev["renders_s"]) == 3 and prev["render_s"] > 0 and len(prev["step_times_s"]) == 4
+    assert prev["videos"] == [f"samples/step-{s}/00-mystyle-a-cat-walks-through-a-sunlit-gar.mp4"
+                              for s in (0, 2, 4)]
     assert res["env"]["torch"] and res["env"]["diffusers"]
     # the table is printed last, and the markdown section replaces itself on a rewrite
     assert out.stdout.rstrip().splitlines()[-1].startswith("results:")

@@ -34,6 +34,7 @@ import torch  # noqa: E402
 
 from bench import report  # noqa: E402
 from bench.cases import Case, all_cases, select  # noqa: E402
+from bench.pipeline import run_cache_stage, run_train_previews  # noqa: E402
 from bench.run import Options, run_matmul, run_ours, run_reference, run_sample, run_vae  # noqa: E402
 from bench.timing import reset_memory, set_memory_cap  # noqa: E402
 
@@ -74,6 +75,10 @@ def run_case(case: Case, opts: Options, budget_left: float) -> dict:
         return run_vae(case, opts, ours=case.kind == "vae-ours")
     if case.kind in ("sample-ours", "sample-diffusers"):
         return run_sample(case, opts, ours=case.kind == "sample-ours")
+    if case.kind == "cache":
+        return run_cache_stage(case, opts)
+    if case.kind == "previews":
+        return run_train_previews(case, opts)
     attempts = []
     for i, settings in enumerate(case.settings):
         try:
@@ -94,8 +99,8 @@ def is_oom(e: BaseException) -> bool:
 
 
 def describe(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+    text = [line.strip() for line in str(e).strip().splitlines()]
+    return f"{type(e).__name__}: {' '.join(text[:3])}"
 
 
 class CaseFailed(RuntimeError):
@@ -132,7 +137,7 @@ def add_ratios(results: dict) -> None:
         ref = results["cases"].get(case.reference, {})
         if ref.get("status") != "ok":
             continue
-        key = "clip_s" if r.get("kind") == "vae" else "step_s"
+        key = "clip_s" if r.get("kind") in ("vae", "cache") else "step_s"
         r["speedup_vs_reference"] = ref[key] / r[key]
         r["reference"] = case.reference
         r["same_run_as_reference"] = ref.get("run") == r.get("run")

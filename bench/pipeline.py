@@ -1,0 +1,183 @@
+"""Whole-pipeline cases: the caching stage (decode + VAE + T5) on a written corpus, and a short
+training run with validation previews. Both call the project's own code paths (data.cache,
+train.loop.train), so they measure what a user runs."""
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.cases import Case
+from bench.timing import peak_memory, reset_memory
+
+FPS = 16
+
+
+# ---- a corpus of distinct clips ------------------------------------------------------------
+
+def _write_clip(job) -> None:
+    """A drifting random texture with a moving square (distinct content per seed), H.264."""
+    import av
+
+    path, seed, (w, h), frames = job
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 255, size=(h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+    texture = np.repeat(np.repeat(coarse, 16, axis=0), 16, axis=1)[:h, :w]
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.mp4")
+    with av.open(str(tmp), "w") as out:
+        stream = out.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(frames):
+            img = np.roll(texture, shift=(i * 2, i * 3), axis=(0, 1)).copy()
+            x, y = (37 * seed + 9 * i) % (w - 48), (23 * seed + 5 * i) % (h - 48)
+            img[y:y + 48, x:x + 48] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    tmp.replace(path)
+
+
+def write_corpus(folder: Path, n: int, size: tuple[int, int], frames: int) -> Path:
+    """n clips + captions (reused when present), written by a process pool."""
+    from concurrent.futures import ProcessPoolExecutor
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(folder / f"clip_{i:03d}.mp4"), i, size, frames) for i in range(n)
+            if not (folder / f"clip_{i:03d}.mp4").exists()]
+    if jobs:
+        with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1, 16)) as pool:
+            list(pool.map(_write_clip, jobs))
+    for i in range(n):
+        (folder / f"clip_{i:03d}.txt").write_text(
+            f"clip {i}: a white square crosses a drifting mosaic of coloured tiles, seen from a "
+            f"fixed camera, variant {i % 7} of a study in motion and texture")
+    return folder
+
+
+# ---- the caching stage -----------------------------------------------------------------------
+
+def _pipeline_dir(opts) -> Path:
+    return opts.work_dir / ("pipeline-tiny" if opts.tiny else "pipeline")
+
+
+def _recipe(case: Case, opts, root: Path, corpus: Path, extra: list[str]):
+    """The shipped 1.3B LoRA recipe pointed at the bench model and corpus; the caching case and
+    the training case share its data settings, so training reuses the cache."""
+    from train.config import load_recipe
+
+    flavour = "tiny-t2v" if opts.tiny else case.flavour
+    w, h, f = (64, 64, 5) if opts.tiny else case.size
+    gpu = opts.device.type == "cuda"
+    overrides = [f"model.root={root}", f"model.flavour={flavour}",
+                 f"data.sources=[{{path: '{corpus}'}}]", f"data.areas=[[{w},{h}]]",
+                 f"data.frame_buckets=[{f}]", f"data.cache_dir={_pipeline_dir(opts) / f'cache-{w}x{h}x{f}'}",
+                 "data.low_memory=false", f"data.vae_compile={gpu}", f"train.compile={gpu}"]
+    if not gpu:
+        overrides += ["train.mixed_precision='no'", "train.base_dtype=fp32", "train.optim.name=adamw"]
+    repo = Path(__file__).resolve().parents[1]
+    return load_recipe(str(repo / "recipes" / "t2v-1.3B-lora.yaml"), overrides + extra)
+
+
+def run_cache_stage(case: Case, opts) -> dict:
+    """tools/cache.py's work in-process on a fresh cache: scan + report, T5 stage, VAE stage
+    (decoding in workers). Times every part; the per-clip figure is the steady state."""
+    from bench.run import model_dir
+    from data.cache import build_cache, model_encoders
+    from data.plan import scan
+    from wan_model.paths import ModelPaths
+
+    flavour = "tiny-t2v" if opts.tiny else case.flavour
+    w, h, f = (64, 64, 5) if opts.tiny else case.size
+    n = 6 if opts.tiny else case.clips
+    root = model_dir(opts, flavour, ("vae", "t5", "tokenizer"))
+    base = _pipeline_dir(opts)
+    t0 = time.perf_counter()
+    corpus = write_corpus(base / f"corpus-{w}x{h}x{f}", n, (w, h), f + 4)
+    opts.log(f"  corpus of {n} clips ready in {time.perf_counter() - t0:.0f} s")
+    cfg = _recipe(case, opts, root, corpus, []).data
+    shutil.rmtree(cfg.cache_dir, ignore_errors=True)
+    marks: dict[str, float] = {}
+    item_times: list[float] = []
+
+    def timed(name, load):
+        def wrapped():
+            marks[f"{name}_load_start"] = time.perf_counter()
+            model = load()
+            if opts.device.type == "cuda":
+                torch.cuda.synchronize()
+            marks[f"{name}_loaded"] = time.perf_counter()
+            return model
+        return wrapped
+
+    def on_item(k):
+        if opts.device.type == "cuda":
+            torch.cuda.synchronize()
+        item_times.append(time.perf_counter())
+
+    reset_memory(opts.device)
+    start = time.perf_counter()
+    plan = scan(cfg, progress=False)
+    scanned = time.perf_counter()
+    enc = model_encoders(ModelPaths(root=str(root)), cfg, False, opts.device)
+    enc.load_text, enc.load_vae = timed("text", enc.load_text), timed("vae", enc.load_vae)
+    run = build_cache(plan, enc, False, progress=False, on_item=on_item)
+    end = time.perf_counter()
+    if run.failures or run.items_encoded != n:
+        raise RuntimeError(f"caching encoded {run.items_encoded} of {n} clips: {run.failures[:3]}")
+    text_s = marks["vae_load_start"] - marks["text_loaded"]  # captions encoded + written + freed
+    warm = min(3, n - 1)  # the first clips pay for cuDNN tuning and compiling each shape
+    steady = (item_times[-1] - item_times[warm - 1]) / (n - warm)
+    clip_s = steady + text_s / n  # per clip, the whole stage: decode + VAE + T5, at steady state
+    return {"kind": "cache", "clips": n, "size": [w, h, f], "clip_s": clip_s, "clips_per_min": 60 / clip_s,
+            "vae_clip_s": steady, "text_s": text_s, "text_per_clip_s": text_s / n,
+            "scan_s": scanned - start, "text_load_s": marks["text_loaded"] - marks["text_load_start"],
+            "vae_load_s": marks["vae_loaded"] - marks["vae_load_start"],
+            "first_clips_s": item_times[warm - 1] - marks["vae_loaded"], "warm_clips": warm,
+            "end_to_end_s": end - start, "end_to_end_clips_per_min": 60 * n / (end - start),
+            "num_workers": cfg.num_workers, "vae_compile": cfg.vae_compile, "low_memory": cfg.low_memory,
+            **peak_memory(opts.device)}
+
+
+# ---- training with previews ------------------------------------------------------------------
+
+def run_train_previews(case: Case, opts) -> dict:
+    """`train.loop.train` on the shipped 1.3B LoRA recipe (shortened) with previews at the
+    start and every `every` steps: seconds per render, and step times before and after."""
+    from bench.run import model_dir
+    from train.loop import train
+
+    flavour = "tiny-t2v" if opts.tiny else case.flavour
+    w, h, f = (64, 64, 5) if opts.tiny else case.size
+    root = model_dir(opts, flavour, ("dit", "vae", "t5", "tokenizer"))
+    base = _pipeline_dir(opts)
+    corpus = write_corpus(base / f"corpus-{w}x{h}x{f}", 4 if opts.tiny else 8, (w, h), f + 4)
+    out = base / "run-previews"
+    shutil.rmtree(out, ignore_errors=True)
+    every, steps = (2, 4) if opts.tiny else (4, 8)
+    pw, ph, pf, ps = (64, 64, 5, 2) if opts.tiny else case.preview
+    recipe = _recipe(case, opts, root, corpus, [
+        f"run.output_dir={out}", f"train.max_steps={steps}", "train.log_every=1",
+        "train.optim.warmup_steps=0", "checkpoint.every=1000", "tracking.tensorboard=false",
+        f"validation.every={every}", f"validation.width={pw}", f"validation.height={ph}",
+        f"validation.frames={pf}", f"validation.steps={ps}"])
+    reset_memory(opts.device)
+    t0 = time.perf_counter()
+    result = train(recipe)
+    wall = time.perf_counter() - t0
+    renders = [s for _, s in result["preview_times"]]
+    times = result["step_times"]
+    before = times[1:every]  # step 1 compiles; steps 2..every run before the first periodic preview
+    after = times[every:2 * every]
+    return {"kind": "previews", "renders_s": renders, "render_s": statistics.median(renders[1:] or renders),
+            "first_render_s": renders[0], "steps": steps, "every": every, "step_times_s": times,
+            "step_before_preview_s": statistics.median(before), "step_after_preview_s": statistics.median(after),
+            "preview": {"width": pw, "height": ph, "frames": pf, "steps": ps, "guidance": recipe.validation.guidance},
+            "train_size": [w, h, f], "wall_s": wall, "losses": result["losses"],
+            "videos": sorted(str(p.relative_to(out)) for p in (out / "samples").rglob("*.mp4")),
+            **peak_memory(opts.device)}
