@@ -31,6 +31,7 @@ class Case:
     clips: int = 40  # cache: clips in the written corpus
     preview: tuple = (832, 480, 33, 30)  # previews: width, height, frames, sampling steps
     fused_vae: bool = True  # vae-ours: norm+SiLU compiled (as data/cache.py runs it on a GPU)
+    vae_chunk: int = 1  # vae-ours: latent frames per causal chunk (WanVAE.set_chunks)
     estimate_s: float = 30.0  # rough H100 cost incl. model setup, for --time-budget
     default: bool = True
 
@@ -74,6 +75,8 @@ def all_cases() -> list[Case]:
              reference="vae-diffusers", estimate_s=15),
         Case("vae-ours-eager", "vae-ours", "our VAE encode bf16, eager norm+SiLU (the lever)",
              reference="vae-diffusers", fused_vae=False, estimate_s=15, default=False),
+        *[Case(f"vae-ours-chunk{n}", "vae-ours", f"our VAE encode bf16, {n} latent frames per chunk",
+               reference="vae-diffusers", vae_chunk=n, estimate_s=15, default=False) for n in (2, 5, 10, 20)],
         Case("cache-stage", "cache", "caching stage: 40 clips, decode + T5 + VAE, 832x480x81",
              reference="vae-diffusers", estimate_s=200),
         Case("train-previews", "previews", "1.3B LoRA training, previews 832x480x33 30 steps CFG",

@@ -171,6 +171,11 @@ def run_train_previews(case: Case, opts) -> dict:
     result = train(recipe)
     wall = time.perf_counter() - t0
     renders = [s for _, s in result["preview_times"]]
+    import json
+
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    step_peaks = [r["memory/peak_gib"] for r in rows if "memory/peak_gib" in r]
+    render_peaks = [r["validation/peak_gib"] for r in rows if "validation/peak_gib" in r]
     times = result["step_times"]
     before = times[1:every]  # step 1 compiles; steps 2..every run before the first periodic preview
     after = times[every:2 * every]
@@ -179,5 +184,6 @@ def run_train_previews(case: Case, opts) -> dict:
             "step_before_preview_s": statistics.median(before), "step_after_preview_s": statistics.median(after),
             "preview": {"width": pw, "height": ph, "frames": pf, "steps": ps, "guidance": recipe.validation.guidance},
             "train_size": [w, h, f], "wall_s": wall, "losses": result["losses"],
+            "step_peak_gib": step_peaks, "render_peak_gib": render_peaks,
             "videos": sorted(str(p.relative_to(out)) for p in (out / "samples").rglob("*.mp4")),
             **peak_memory(opts.device)}

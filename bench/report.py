@@ -106,7 +106,10 @@ def table_rows(results: dict) -> list[list[str]]:
                          _f(r.get("peak_reserved_gib")), "", "", "",
                          f"{p['width']}x{p['height']}x{p['frames']} {p['steps']} steps; first render "
                          f"{r['first_render_s']:.1f} s (compiles); train step {r['step_before_preview_s']:.3f} s "
-                         f"before / {r['step_after_preview_s']:.3f} s after a preview"])
+                         f"before / {r['step_after_preview_s']:.3f} s after a preview"
+                         + (f"; peak GiB: training {max(r['step_peak_gib']):.1f}, render "
+                            f"{max(r['render_peak_gib']):.1f}" if r.get("step_peak_gib") and r.get("render_peak_gib")
+                            else "")])
         elif kind == "sample":
             rows.append([name, r["what"], f"{r['step_s']:.3f} s/step", _f(r.get("peak_allocated_gib")),
                          _f(r.get("peak_reserved_gib")), _f(r.get("tflops"), "{:.0f}"), _f(r.get("mfu"), "{:.0%}"),

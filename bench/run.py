@@ -25,6 +25,8 @@ class Options:
     max_steps: int
     step_seconds: float  # timed seconds aimed at per case
     sample_steps: int
+    profile: bool = False  # write a torch.profiler table per VAE case
+    results_dir: Path | None = None
     log: callable = print
 
 
@@ -199,6 +201,7 @@ def run_vae(case: Case, opts: Options, ours: bool) -> dict:
             vae.use_channels_last()
             if case.fused_vae:
                 vae.fuse_elementwise()
+        vae.set_chunks(encode=case.vae_chunk)
         encode = lambda v: vae.encode(v)  # noqa: E731
     else:
         from bench.reference import build_vae, vae_encode
@@ -218,8 +221,23 @@ def run_vae(case: Case, opts: Options, ours: bool) -> dict:
         torch.backends.cudnn.benchmark = benchmark_before
     times.sort()
     clip_s = times[len(times) // 2]
-    return {"kind": "vae", "clip_s": clip_s, "times_s": times, "clips_per_min": 60.0 / clip_s,
+    if opts.profile and opts.device.type == "cuda":
+        profile_call(lambda: encode(video), opts, f"profile-{case.name}.txt")
+    return {"kind": "vae", "chunk": case.vae_chunk if ours else 1, "clip_s": clip_s, "times_s": times, "clips_per_min": 60.0 / clip_s,
             "size": [w, h, f], **peak_memory(opts.device)}
+
+
+def profile_call(fn, opts: Options, name: str) -> None:
+    """One call under torch.profiler: the CUDA-time table goes beside the results JSON."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(opts.device)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    if opts.results_dir is not None:
+        (opts.results_dir / name).write_text(table + "\n")
+    opts.log(table)
 
 
 def run_sample(case: Case, opts: Options, ours: bool) -> dict:

@@ -60,6 +60,7 @@ def model_encoders(paths, cfg: DataConfig, i2v: bool, device: str | torch.device
                          device=device)
         if cfg.low_memory:
             model.enable_tiling()
+        model.set_chunks(encode=1 if cfg.low_memory else cfg.vae_chunk)
         if on_gpu:  # same numbers, faster convolutions: channels-last weights, tuned cuDNN algorithms
             torch.backends.cudnn.benchmark = True
             model.use_channels_last()
@@ -190,8 +191,6 @@ def first_frame_condition(vae, video: torch.Tensor) -> torch.Tensor:
 
 def _encode_latents(todo: list[tuple[Item, dict]], plan: Plan, encoders: Encoders, cfg: DataConfig,
                     cache_dir: Path, progress: bool, desc: str, on_item) -> list[str]:
-    from wan_model.loading import save_safetensors_atomic
-
     if not todo:
         return []
     items = [item for item, _ in todo]
@@ -203,37 +202,98 @@ def _encode_latents(todo: list[tuple[Item, dict]], plan: Plan, encoders: Encoder
     loader = torch.utils.data.DataLoader(
         _DecodeJobs(jobs), batch_sampler=_bucket_batches(items, cfg.vae_batch_size),
         num_workers=cfg.num_workers, collate_fn=_collate,
-        prefetch_factor=2 if cfg.num_workers else None, persistent_workers=False)
+        prefetch_factor=2 if cfg.num_workers else None, persistent_workers=False,
+        pin_memory=encoders.device.type == "cuda")
     batches = iter(loader)  # workers start decoding (and fork) before the models are loaded
     vae = encoders.load_vae()
     clip = encoders.load_clip() if encoders.load_clip else None
     out_dtype = DTYPES[cfg.latent_dtype]
-    failures, done = [], 0
+    failures = []
+    writer = _Writer(cache_dir, on_item)
     bar = _bar(len(items), desc, "clip", progress)
-    for batch in batches:
-        good = [(i, v) for i, v in batch if isinstance(v, torch.Tensor)]
-        failures += [f"{items[i].key}: {v}" for i, v in batch if not isinstance(v, torch.Tensor)]
-        if good:
-            video = to_model_range(torch.stack([v for _, v in good]).to(encoders.device))
-            with torch.no_grad():
-                tensors = {"latents": vae.encode(video)}
-                if clip is not None:
-                    tensors["clip_fea"] = clip.encode(video[:, :, 0])
-                    tensors["y"] = first_frame_condition(vae, video)
-            for b, (i, _) in enumerate(good):
-                record = dict(todo[i][1])
-                one = {k: t[b].detach().to("cpu", out_dtype) for k, t in tensors.items()}
-                record["shapes"] = {k: list(t.shape) for k, t in one.items()}
-                save_safetensors_atomic(one, latent_path(cache_dir, items[i].key),
-                                        {"wantune": json.dumps(record)})
-                done += 1
-                if on_item is not None:
-                    on_item(done)
-        bar.update(len(batch))
-    bar.close()
+    try:
+        for batch in batches:
+            writer.check()
+            good = [(i, v) for i, v in batch if isinstance(v, torch.Tensor)]
+            failures += [f"{items[i].key}: {v}" for i, v in batch if not isinstance(v, torch.Tensor)]
+            if good:
+                # one clip stays in the loader's pinned memory, so its upload runs asynchronously
+                stacked = good[0][1][None] if len(good) == 1 else torch.stack([v for _, v in good])
+                video = to_model_range(stacked.to(encoders.device, non_blocking=True))
+                with torch.no_grad():
+                    tensors = {"latents": vae.encode(video)}
+                    if clip is not None:
+                        tensors["clip_fea"] = clip.encode(video[:, :, 0])
+                        tensors["y"] = first_frame_condition(vae, video)
+                for b, (i, _) in enumerate(good):
+                    writer.submit(items[i].key, dict(todo[i][1]),
+                                  {k: t[b].detach().to(out_dtype) for k, t in tensors.items()})
+            bar.update(len(batch))
+        writer.finish()
+    finally:
+        writer.close()
+        bar.close()
     del vae, clip, loader, batches
     _free_memory()
     return failures
+
+
+class _Writer:
+    """Writes finished clips from a background thread, so the GPU encodes the next clip while
+    the last one is copied to the host and saved. Files are written in order, each atomically;
+    after a failed write (or an `on_item` that raises, as an interrupt would) nothing more is
+    written and the error is raised in the caller at its next `check`/`finish`."""
+
+    def __init__(self, cache_dir: Path, on_item):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.cache_dir, self.on_item = cache_dir, on_item
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
+        self.pending: list = []
+        self.error: BaseException | None = None
+        self.done = 0
+
+    def submit(self, key: str, record: dict, tensors: dict[str, torch.Tensor]) -> None:
+        event = None
+        if any(t.is_cuda for t in tensors.values()):  # start the copy now, wait for it in the thread
+            host = {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for k, t in tensors.items()}
+            for k, t in tensors.items():
+                host[k].copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            tensors = host
+        self.pending.append(self.pool.submit(self._write, key, record, tensors, event))
+        if len(self.pending) > 4:  # bounded: never more than a few clips of host memory queued
+            self.pending.pop(0).result()
+
+    def _write(self, key: str, record: dict, tensors: dict, event) -> None:
+        from wan_model.loading import save_safetensors_atomic
+
+        if self.error is not None:
+            return
+        try:
+            if event is not None:
+                event.synchronize()
+            record["shapes"] = {k: list(t.shape) for k, t in tensors.items()}
+            save_safetensors_atomic(tensors, latent_path(self.cache_dir, key), {"wantune": json.dumps(record)})
+            self.done += 1
+            if self.on_item is not None:
+                self.on_item(self.done)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            self.error = e
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def finish(self) -> None:
+        for f in self.pending:
+            f.result()
+        self.pending.clear()
+        self.check()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 def _bar(total: int, desc: str, unit: str, progress: bool):

@@ -38,7 +38,9 @@ def test_case_selection():
     cases = all_cases()
     names = [c.name for c in select(cases, "default")]
     assert names[0] == "matmul" and "lora-14B-81-24G" in names and not any(n.startswith("lever-") for n in names)
-    assert [c.name for c in select(cases, "vae-*")] == ["matmul", "vae-ours", "vae-ours-eager", "vae-diffusers"]
+    assert [c.name for c in select(cases, "vae-*")] == ["matmul", "vae-ours", "vae-ours-eager", "vae-ours-chunk2",
+                                                     "vae-ours-chunk5", "vae-ours-chunk10", "vae-ours-chunk20",
+                                                     "vae-diffusers"]
     assert all(c.name.startswith("lever-") or c.name == "matmul" for c in select(cases, "levers"))
     with pytest.raises(ValueError, match="matches no case"):
         select(cases, "nonsense")
@@ -56,7 +58,8 @@ def test_tiny_run_writes_json_table_and_markdown(tmp_path):
     assert len(files) == 1
     res = json.loads(files[0].read_text())
     expected = ["matmul", "lora-1.3B-81", "ref-lora-1.3B-81", "lora-14B-81-24G", "vae-ours",
-                "vae-ours-eager", "cache-stage", "train-previews", "vae-diffusers", "sample-ours",
+                "vae-ours-eager", "vae-ours-chunk2", "vae-ours-chunk5", "vae-ours-chunk10",
+                "vae-ours-chunk20", "cache-stage", "train-previews", "vae-diffusers", "sample-ours",
                 "sample-diffusers-cudnn", "sample-diffusers"]
     assert list(res["cases"]) == expected
     bad = {k: v.get("error") for k, v in res["cases"].items() if v["status"] != "ok"}

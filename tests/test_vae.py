@@ -475,3 +475,24 @@ def test_fused_encode_matches_eager_on_gpu_real_config():
     print(f"\nbf16 eager vs fp32 {err_eager:.4f}, fused vs fp32 {err_fast:.4f}, |z| max {z32.abs().max():.2f}")
     assert err_fast <= 1.5 * err_eager + 1e-3
     torch.testing.assert_close(z_fast, z_eager, rtol=0.05, atol=0.05 * z32.abs().max().item())
+
+
+@torch.no_grad()
+def test_longer_causal_chunks_compute_the_same_function(vae):
+    """set_chunks(n): n latent frames per chunk instead of the official 1 (the caching default
+    is 5 on GPUs). Every temporal layer carries its frames across chunks, so the latents and the
+    decoded video are those of the official chunking, including a short last chunk."""
+    video = _video(frames=21)
+    z_ref = vae.encode(video)
+    x_ref = vae.decode(z_ref)
+    try:
+        for n in (2, 3, 5, 8):
+            vae.set_chunks(encode=n, decode=n)
+            torch.testing.assert_close(vae.encode(video), z_ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(vae.decode(z_ref), x_ref, rtol=1e-5, atol=2e-5)
+            # frames past 1 + 4k are dropped with any chunking
+            torch.testing.assert_close(vae.encode(video[:, :, :12]), z_ref[:, :, :3], rtol=1e-5, atol=1e-5)
+    finally:
+        vae.set_chunks()
+    with pytest.raises(ValueError, match="encode=0"):
+        vae.set_chunks(encode=0)

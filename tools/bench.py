@@ -59,6 +59,8 @@ def parse_args(argv):
     p.add_argument("--step-seconds", type=float, default=15.0, help="timed seconds aimed at per case")
     p.add_argument("--sample-steps", type=int, default=5,
                    help="sampling steps timed (x50 extrapolation is reported and labelled)")
+    p.add_argument("--profile", action="store_true",
+                   help="also write a torch.profiler table for each VAE case (GPU)")
     p.add_argument("--from-json", default=None, metavar="PATH",
                    help="run nothing: rebuild the table and BENCHMARKS.md from a results file")
     p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
@@ -185,7 +187,8 @@ def main(argv=None) -> int:
     opts = Options(device=device, tiny=args.tiny, work_dir=work, weights=args.weights, compile=args.compile,
                    max_steps=max(2, args.max_steps), step_seconds=args.step_seconds,
                    sample_steps=max(2, args.sample_steps) if not args.tiny else 2,
-                   log=lambda *a: print(*a, flush=True))
+                   log=lambda *a: print(*a, flush=True), profile=args.profile,
+                   results_dir=Path(args.results_dir))
     env = report.environment(device, REPO)
     run_id = env["date"]
     stem = f"{report.slug(env['device'])}{'-tiny' if args.tiny else ''}-{_dt.date.today().isoformat()}"

@@ -236,11 +236,13 @@ def _plain(recipe: Recipe) -> dict:
 
 def _preview(previews, tracker, step: int) -> None:
     """Render the previews of a step; the render is timed to its end on the device."""
+    tracker.hold_peak()
     t0 = time.perf_counter()
     paths = previews.render(step)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    tracker.log_videos(step, paths, seconds=time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    tracker.log_videos(step, paths, seconds=seconds, peak_gib=tracker.render_peak_gib())
 
 
 def _previewer(recipe: Recipe, acc, model, out_dir: Path):

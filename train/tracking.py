@@ -16,6 +16,7 @@ class Tracker:
         self.t_last = time.perf_counter()
         self.step_times: list[float] = []
         self.preview_times: list[tuple[int, float]] = []  # (step, seconds per render)
+        self.held_peak: float | None = None  # training's peak, set aside while a preview renders
         if not enabled:
             return
         out = Path(recipe.run.output_dir)
@@ -47,6 +48,9 @@ class Tracker:
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_step=f"{sps:.2f}")
         if log:
             metrics = {"train/loss": loss, "train/lr": lr, "train/s_per_step": sps}
+            peak = self.take_peak_gib()
+            if peak is not None:
+                metrics["memory/peak_gib"] = peak  # since the last log
             with self.metrics_file.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
             if self.tb:
@@ -55,16 +59,19 @@ class Tracker:
             if self.wandb:
                 self.wandb.log(metrics, step=step)
 
-    def log_videos(self, step: int, paths: list[Path], seconds: float | None = None) -> None:
+    def log_videos(self, step: int, paths: list[Path], seconds: float | None = None,
+                   peak_gib: float | None = None) -> None:
         """A finished preview render: its videos to wandb, its cost to metrics.jsonl and TB."""
         if seconds is not None:
             self.preview_times.append((step, seconds))
         if not self.enabled:
             return
         if seconds is not None:
+            row = {"step": step, "validation/seconds": seconds, "validation/videos": len(paths)}
+            if peak_gib is not None:
+                row["validation/peak_gib"] = peak_gib
             with self.metrics_file.open("a") as f:
-                f.write(json.dumps({"step": step, "validation/seconds": seconds,
-                                    "validation/videos": len(paths)}) + "\n")
+                f.write(json.dumps(row) + "\n")
             if self.tb:
                 self.tb.add_scalar("validation/seconds", seconds, step)
         if self.wandb:
@@ -75,6 +82,22 @@ class Tracker:
                 log["validation"] = [wandb.Video(str(p), caption=p.stem) for p in paths]
             if log:
                 self.wandb.log(log, step=step)
+
+    def take_peak_gib(self) -> float | None:
+        """Peak CUDA memory of training since the last call (the allocator's counter, no sync)."""
+        peak = _take_peak_gib()
+        if self.held_peak is not None and peak is not None:
+            peak = max(peak, self.held_peak)
+        self.held_peak = None
+        return peak
+
+    def hold_peak(self) -> None:
+        """Before a preview: keep training's peak aside so the render's own peak is measured."""
+        self.held_peak = self.take_peak_gib()
+
+    def render_peak_gib(self) -> float | None:
+        """After a preview: the render's own peak (training's stays held for the next log)."""
+        return _take_peak_gib()
 
     def reset_clock(self) -> None:
         """After a preview or checkpoint, so its time is not charged to the next step."""
@@ -87,6 +110,17 @@ class Tracker:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def _take_peak_gib() -> float | None:
+    """Peak CUDA memory allocated since the last call (the allocator's counter, no sync)."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak
 
 
 def check_finite(loss: float, step: int) -> None:
