@@ -60,10 +60,8 @@ def model_encoders(paths, cfg: DataConfig, i2v: bool, device: str | torch.device
                          device=device)
         if cfg.low_memory:
             model.enable_tiling()
-        model.set_chunks(encode=1 if cfg.low_memory else cfg.vae_chunk)
-        if on_gpu:  # same numbers, faster convolutions: channels-last weights, tuned cuDNN algorithms
-            torch.backends.cudnn.benchmark = True
-            model.use_channels_last()
+        if on_gpu:  # same numbers, faster convolutions: channels-last weights (cuDNN tuning is
+            model.use_channels_last()  # switched on around the encode loop)
             if cfg.vae_compile:
                 model.fuse_elementwise()
         return model
@@ -211,6 +209,10 @@ def _encode_latents(todo: list[tuple[Item, dict]], plan: Plan, encoders: Encoder
     failures = []
     writer = _Writer(cache_dir, on_item)
     bar = _bar(len(items), desc, "clip", progress)
+    # cuDNN picks the fastest algorithm per convolution shape (a few shapes, tried once); the
+    # switch is restored afterwards so that training and previews run as they would have
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = benchmark or encoders.device.type == "cuda"
     try:
         for batch in batches:
             writer.check()
@@ -231,6 +233,7 @@ def _encode_latents(todo: list[tuple[Item, dict]], plan: Plan, encoders: Encoder
             bar.update(len(batch))
         writer.finish()
     finally:
+        torch.backends.cudnn.benchmark = benchmark
         writer.close()
         bar.close()
     del vae, clip, loader, batches

@@ -93,10 +93,6 @@ class DataConfig:
     vae_compile: bool = field(default=True, metadata={
         "help": "On GPUs, fuse the VAE's norm+SiLU passes with torch.compile (same latents to bf16 "
                 "rounding, ~1.5x faster encode; the first clip of each shape compiles)."})
-    vae_chunk: int = field(default=5, metadata={
-        "help": "Latent frames the VAE encodes per causal chunk (the official pass uses 1 = four "
-                "video frames). Same latents for every value; longer chunks are faster on GPUs and "
-                "take more memory. low_memory uses 1."})
     vae_batch_size: int = field(default=1, metadata={
         "help": "Clips of the same bucket encoded together by the VAE."})
     text_batch_size: int = field(default=16, metadata={
@@ -154,7 +150,7 @@ class DataConfig:
         for name in ("latent_dtype", "vae_dtype", "text_dtype"):
             if getattr(self, name) not in DTYPES:
                 out.append(f"data.{name}={getattr(self, name)!r}: choose one of {', '.join(DTYPES)}")
-        for name in ("vae_chunk", "vae_batch_size", "text_batch_size", "batch_size"):
+        for name in ("vae_batch_size", "text_batch_size", "batch_size"):
             if getattr(self, name) < 1:
                 out.append(f"data.{name}={getattr(self, name)}: must be >= 1")
         if self.num_workers < 0:

@@ -407,21 +407,27 @@ def test_channels_last_gives_the_same_latents():
 
 @torch.no_grad()
 def test_fused_norm_silu_gives_the_same_latents_and_video(vae, video):
-    """fuse_elementwise() compiles RMS_norm + SiLU into one kernel (the caching default on GPUs).
-    In float32 it is the same op: encode and decode agree with the eager model, in both memory
-    layouts, and switching it off restores the eager path."""
+    """fuse_elementwise() compiles the residual blocks' norm -> SiLU -> causal conv input (with
+    the cached frames and the previous bias) and the attention norm (the caching default on
+    GPUs). In float32 it is the same op: encode and decode agree with the eager model, in both
+    memory layouts, and switching it off restores the eager path."""
     import wan_model.vae_blocks as blocks
+    import wan_model.vae_fused as fused
 
     z_ref = vae.encode(video)
     x_ref = vae.decode(z_ref)
-    calls = []
-    real = blocks.fused_norm_act
+    calls = {"norm": 0, "conv": 0}
+    real_norm, real_conv = blocks.fused_norm_act, fused.causal_conv
 
-    def spy(kernel, x, *args):
-        calls.append(x.dim())
-        return real(kernel, x, *args)
+    def spy_norm(*args):
+        calls["norm"] += 1
+        return real_norm(*args)
 
-    blocks.fused_norm_act = spy
+    def spy_conv(*args, **kw):
+        calls["conv"] += 1
+        return real_conv(*args, **kw)
+
+    blocks.fused_norm_act, fused.causal_conv = spy_norm, spy_conv
     try:
         vae.fuse_elementwise()
         z = vae.encode(video)
@@ -429,9 +435,9 @@ def test_fused_norm_silu_gives_the_same_latents_and_video(vae, video):
         vae.use_channels_last()
         z_cl = vae.encode(video)
     finally:
-        blocks.fused_norm_act = real
+        blocks.fused_norm_act, fused.causal_conv = real_norm, real_conv
         vae.fuse_elementwise(False).use_channels_last(False)
-    assert calls.count(5) > 20 and 4 in calls  # residual/head norms (5-D) and the attention norm
+    assert calls["conv"] > 40 and calls["norm"] > 0  # residual/head convs and the attention norms
     torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(z_cl, z_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-5)

@@ -155,6 +155,10 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
+        dropping = self.training and self.residual[5].p > 0
+        if cache is not None and self.residual[0].kernel is not None and not dropping and _inference(x, self):
+            from .vae_fused import residual_block
+            return residual_block(self, x, cache)
         h = self.shortcut(x)
         return _run_sequence(self.residual, x, cache) + h
 
@@ -247,7 +251,18 @@ def _is_rep(value) -> bool:
     return isinstance(value, str) and value == _REP
 
 
+def _inference(x: torch.Tensor, module: nn.Module) -> bool:
+    """True when no gradient can flow (the fused kernels are for inference only)."""
+    if not torch.is_grad_enabled():
+        return True
+    return not x.requires_grad and not any(p.requires_grad for p in module.parameters())
+
+
 def _run_sequence(layers: nn.Sequential, x: torch.Tensor, cache: FeatureCache | None) -> torch.Tensor:
+    if (len(layers) == 3 and isinstance(layers[0], RMS_norm) and isinstance(layers[2], CausalConv3d)
+            and cache is not None and layers[0].kernel is not None and _inference(x, layers)):
+        from .vae_fused import head  # the head: norm -> SiLU -> causal conv, fused
+        return head(layers, x, cache)
     skip_silu = False
     for i, layer in enumerate(layers):
         if skip_silu:  # applied together with the norm before it

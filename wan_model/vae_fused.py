@@ -1,0 +1,121 @@
+"""Fused inference kernels for the VAE's residual blocks (torch.compile).
+
+Eager, one causal convolution of a residual block costs, besides the convolution itself: the
+norm and SiLU passes, a separate bias add after cuDNN, a copy that puts the cached frames in
+front of the chunk (torch.cat) and a copy of the last frames for the next chunk. Here one
+compiled kernel reads the previous convolution's output once and writes the next convolution's
+whole input (zeros or cached frames first) plus the frames to cache, with the previous bias
+added on the way; the block's last bias and the shortcut add are one more kernel.
+
+The kernels see one of two canonical views of a 5-D activation, so that a handful of compiled
+variants serve every level, chunk length and bucket: channels-last tensors as [B, T, H*W, C]
+(channels innermost), others as [B, C, T, H*W]. Both are views of the usual layouts (no copy).
+Same op as eager up to where bf16 rounds (the bias is added in float32 before the norm).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PAD_T = 2  # frames in front of each chunk: kernel 3 in time, causal
+
+
+def _canonical(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """x [B,C,T,H,W] -> (a canonical view, channels_last)."""
+    b, c, t, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return x.permute(0, 2, 3, 4, 1).reshape(b, t, h * w, c).detach(), True
+    return x.contiguous().view(b, c, t, h * w).detach(), False
+
+
+def _restore(v: torch.Tensor, channels_last: bool, h: int, w: int) -> torch.Tensor:
+    if channels_last:
+        b, t, _, c = v.shape
+        return v.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+    b, c, t, _ = v.shape
+    return v.view(b, c, t, h, w)
+
+
+def _per_channel(p: torch.Tensor | None, c: int, channels_last: bool, like: torch.Tensor) -> torch.Tensor:
+    if p is None:
+        p = like.new_zeros(c)
+    return p.reshape(1, 1, 1, c).detach() if channels_last else p.reshape(1, c, 1, 1).detach()
+
+
+def conv_input(x: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, scale: float,
+               prev: torch.Tensor | None, channels_last: bool):
+    """silu(RMS_norm(x + bias)) with the frames before it in front: (conv input, frames to keep).
+
+    Canonical layouts; `prev` holds the last <= 2 inputs of this convolution from the previous
+    chunk (None for the first chunk: zeros instead)."""
+    c_dim, t_dim = (3, 1) if channels_last else (1, 2)
+    y = F.normalize(x.float() + bias.float(), dim=c_dim).to(x.dtype) * scale * gamma
+    y = F.silu(y)
+    seq = y if prev is None else torch.cat([prev, y], dim=t_dim)
+    n = seq.shape[t_dim]
+    keep = seq.narrow(t_dim, n - PAD_T, PAD_T) if n >= PAD_T else seq
+    missing = PAD_T - (0 if prev is None else prev.shape[t_dim])
+    if missing > 0:
+        shape = list(y.shape)
+        shape[t_dim] = missing
+        seq = torch.cat([y.new_zeros(shape), seq], dim=t_dim)
+    return seq, keep.clone()
+
+
+def add_bias_residual(x: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return x + bias + h
+
+
+_KERNELS: dict = {}
+
+
+def _kernel(fn):
+    if fn.__name__ not in _KERNELS:
+        _KERNELS[fn.__name__] = torch.compile(fn, dynamic=True)
+    return _KERNELS[fn.__name__]
+
+
+def _call(fn, *args):
+    # variants: first/later chunk, one-frame chunks, layouts, dtypes: more than dynamo's default 8
+    with torch._dynamo.config.patch(recompile_limit=64):
+        return _kernel(fn)(*args)
+
+
+def _conv(conv, inp5: torch.Tensor, with_bias: bool) -> torch.Tensor:
+    return F.conv3d(inp5, conv.weight, conv.bias if with_bias else None, conv.stride, conv.padding,
+                    conv.dilation, conv.groups)
+
+
+def causal_conv(conv, norm, x: torch.Tensor, cache, bias_in: torch.Tensor | None,
+                with_bias: bool) -> torch.Tensor:
+    """norm -> SiLU -> causal conv on one chunk, refreshing the conv's cache slot."""
+    _, c, _, h, w = x.shape
+    v, cl = _canonical(x)
+    prev = cache.peek()
+    if prev is not None:
+        prev, prev_cl = prev
+        if prev_cl != cl:  # the layout changed between chunks (CPU convolutions may do that)
+            prev = (prev.permute(0, 3, 1, 2) if prev_cl else prev.permute(0, 2, 3, 1)).contiguous()
+    inp, keep = _call(conv_input, v, _per_channel(bias_in, c, cl, v),
+                      _per_channel(norm.gamma, c, cl, v), norm.scale, prev, cl)
+    cache.store((keep, cl))
+    return _conv(conv, _restore(inp, cl, h, w), with_bias)
+
+
+def residual_block(block, x: torch.Tensor, cache) -> torch.Tensor:
+    """ResidualBlock.forward for inference, fused (see the module text)."""
+    norm1, _, conv1, norm2, _, _, conv2 = block.residual
+    shortcut = block.shortcut(x)
+    y = causal_conv(conv1, norm1, x, cache, None, with_bias=False)
+    y = causal_conv(conv2, norm2, y, cache, conv1.bias, with_bias=False)
+    a, cl = _canonical(y)
+    s, cl_s = _canonical(shortcut)
+    if cl != cl_s:  # mixed layouts (not seen with channels-last weights): plain ops
+        return y + conv2.bias.view(1, -1, 1, 1, 1) + shortcut
+    out = _call(add_bias_residual, a, _per_channel(conv2.bias, a.shape[-1] if cl else a.shape[1], cl, a), s)
+    return _restore(out, cl, *y.shape[-2:])
+
+
+def head(layers, x: torch.Tensor, cache) -> torch.Tensor:
+    norm, _, conv = layers
+    return causal_conv(conv, norm, x, cache, None, with_bias=True)
