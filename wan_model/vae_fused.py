@@ -3,9 +3,11 @@
 Eager, one causal convolution of a residual block costs, besides the convolution itself: the
 norm and SiLU passes, a separate bias add after cuDNN, a copy that puts the cached frames in
 front of the chunk (torch.cat) and a copy of the last frames for the next chunk. Here one
-compiled kernel reads the previous convolution's output once and writes the next convolution's
-whole input (zeros or cached frames first) plus the frames to cache, with the previous bias
-added on the way; the block's last bias and the shortcut add are one more kernel.
+kernel reads the previous convolution's output once and writes the next convolution's whole
+input (zeros or cached frames first), with the previous bias added on the way; the frames to
+cache are a view of that input; the block's last bias and the shortcut add are one more kernel.
+On CUDA with channels-last tensors the kernel is vae_triton's (one pass); elsewhere it is
+`conv_input` compiled by torch.compile.
 
 The kernels see one of two canonical views of a 5-D activation, so that a handful of compiled
 variants serve every level, chunk length and bucket: channels-last tensors as [B, T, H*W, C]
@@ -43,23 +45,38 @@ def _per_channel(p: torch.Tensor | None, c: int, channels_last: bool, like: torc
 
 
 def conv_input(x: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, scale: float,
-               prev: torch.Tensor | None, channels_last: bool):
-    """silu(RMS_norm(x + bias)) with the frames before it in front: (conv input, frames to keep).
+               prev: torch.Tensor | None, channels_last: bool) -> torch.Tensor:
+    """silu(RMS_norm(x + bias)) with the frames before it in front: the conv's whole input.
 
     Canonical layouts; `prev` holds the last <= 2 inputs of this convolution from the previous
-    chunk (None for the first chunk: zeros instead)."""
+    chunk (None for the first chunk: zeros instead). The frames to carry to the next chunk are
+    the last two of the result."""
     c_dim, t_dim = (3, 1) if channels_last else (1, 2)
     y = F.normalize(x.float() + bias.float(), dim=c_dim).to(x.dtype) * scale * gamma
     y = F.silu(y)
     seq = y if prev is None else torch.cat([prev, y], dim=t_dim)
-    n = seq.shape[t_dim]
-    keep = seq.narrow(t_dim, n - PAD_T, PAD_T) if n >= PAD_T else seq
     missing = PAD_T - (0 if prev is None else prev.shape[t_dim])
     if missing > 0:
         shape = list(y.shape)
         shape[t_dim] = missing
         seq = torch.cat([y.new_zeros(shape), seq], dim=t_dim)
-    return seq, keep.clone()
+    return seq
+
+
+def _conv_input_triton(v: torch.Tensor, bias: torch.Tensor | None, norm, prev: torch.Tensor | None):
+    """conv_input for channels-last CUDA tensors: one kernel writes the normalised frames into
+    their place in a buffer that holds the carried frames (or zeros) in front."""
+    from .vae_triton import norm_silu_into
+
+    bsz, t, n, c = v.shape
+    inp = torch.empty(bsz, t + PAD_T, n, c, dtype=v.dtype, device=v.device)
+    carried = 0 if prev is None else prev.shape[1]
+    if carried < PAD_T:
+        inp[:, :PAD_T - carried].zero_()
+    if carried:
+        inp[:, PAD_T - carried:PAD_T].copy_(prev)
+    norm_silu_into(v, inp[:, PAD_T:], bias, norm.gamma.detach().reshape(-1), norm.scale)
+    return inp
 
 
 def add_bias_residual(x: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -96,9 +113,17 @@ def causal_conv(conv, norm, x: torch.Tensor, cache, bias_in: torch.Tensor | None
         prev, prev_cl = prev
         if prev_cl != cl:  # the layout changed between chunks (CPU convolutions may do that)
             prev = (prev.permute(0, 3, 1, 2) if prev_cl else prev.permute(0, 2, 3, 1)).contiguous()
-    inp, keep = _call(conv_input, v, _per_channel(bias_in, c, cl, v),
-                      _per_channel(norm.gamma, c, cl, v), norm.scale, prev, cl)
-    cache.store((keep, cl))
+        prev = prev.detach()  # a view of the last input: detached, compiled code guards only its shape
+    from .vae_triton import available
+
+    if cl and available(v):
+        inp = _conv_input_triton(v, None if bias_in is None else bias_in.detach(), norm, prev)
+    else:
+        inp = _call(conv_input, v, _per_channel(bias_in, c, cl, v), _per_channel(norm.gamma, c, cl, v),
+                    norm.scale, prev, cl)
+    t_dim = 1 if cl else 2
+    # the last two frames of this input are what the next chunk needs (a view: no copy)
+    cache.store((inp.narrow(t_dim, inp.shape[t_dim] - PAD_T, PAD_T), cl))
     return _conv(conv, _restore(inp, cl, h, w), with_bias)
 
 
