@@ -484,12 +484,12 @@ def test_fused_encode_matches_eager_on_gpu_real_config():
     print(f"\nbf16 eager vs fp32 {err_eager:.4f}, fused vs fp32 {err_fast:.4f}, |z| max {z32.abs().max():.2f}")
     assert err_fast <= 1.5 * err_eager + 1e-3
     torch.testing.assert_close(z_fast, z_eager, rtol=0.05, atol=0.05 * z32.abs().max().item())
-    # float32 decode, as previews run it: the fused kernels are the same op up to float32 rounding
+    # float32 decode, as previews run it: the same op up to rounding (a broken kernel is off by O(1))
     model.to(torch.float32).fuse_elementwise(False).use_channels_last(False)
     x_eager = model.decode(z32)
     x_fast = model.use_channels_last().fuse_elementwise().decode(z32)
     print(f"float32 decode, fused vs eager: {(x_fast - x_eager).abs().max().item():.2e}")
-    torch.testing.assert_close(x_fast, x_eager, rtol=1e-3, atol=2e-3)
+    torch.testing.assert_close(x_fast, x_eager, rtol=1e-2, atol=1e-2)  # TF32 convolutions on both sides
 
 
 @torch.no_grad()
