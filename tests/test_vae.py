@@ -511,3 +511,17 @@ def test_longer_causal_chunks_compute_the_same_function(vae):
         vae.set_chunks()
     with pytest.raises(ValueError, match="encode=0"):
         vae.set_chunks(encode=0)
+
+
+def test_fusing_without_triton_on_a_cuda_machine_warns_and_stays_eager(monkeypatch):
+    """torch.compile emits Triton for CUDA: without it, fusing would crash at the first encode
+    (mid-training for previews). It warns and keeps the eager op instead."""
+    import wan_model.vae_triton as vt
+    from wan_model.vae_blocks import RMS_norm
+
+    model = WanVAE(TINY)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(vt, "triton", None)
+    with pytest.warns(UserWarning, match="need Triton"):
+        model.fuse_elementwise()
+    assert all(m.kernel is None for m in model.modules() if isinstance(m, RMS_norm))

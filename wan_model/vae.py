@@ -127,6 +127,16 @@ class WanVAE(nn.Module):
         On an H100 the eager norm and SiLU passes are about half of an encode; fused, they are
         one read and one write per activation. Numbers agree with eager to bf16 rounding. The
         first call of each new shape compiles (seconds); later calls reuse the kernel."""
+        if on and torch.cuda.is_available():
+            from . import vae_triton
+
+            if vae_triton.triton is None:  # torch.compile needs Triton for CUDA code too
+                import warnings
+
+                warnings.warn("the VAE's fused kernels need Triton, which is not installed: the VAE "
+                              "runs eager (pip install triton, or set data.vae_compile=false to "
+                              "silence this)", stacklevel=2)
+                on = False
         kernel = compiled_norm_act() if on else None
         for m in self.modules():
             if isinstance(m, RMS_norm):
