@@ -417,7 +417,7 @@ def test_fused_norm_silu_gives_the_same_latents_and_video(vae, video):
     z_ref = vae.encode(video)
     x_ref = vae.decode(z_ref)
     calls = {"norm": 0, "conv": 0}
-    real_norm, real_conv = blocks.fused_norm_act, fused.causal_conv
+    real_norm, real_conv = fused.rms_norm, fused.causal_conv
 
     def spy_norm(*args):
         calls["norm"] += 1
@@ -427,7 +427,7 @@ def test_fused_norm_silu_gives_the_same_latents_and_video(vae, video):
         calls["conv"] += 1
         return real_conv(*args, **kw)
 
-    blocks.fused_norm_act, fused.causal_conv = spy_norm, spy_conv
+    fused.rms_norm, fused.causal_conv = spy_norm, spy_conv
     try:
         vae.fuse_elementwise()
         z = vae.encode(video)
@@ -435,28 +435,28 @@ def test_fused_norm_silu_gives_the_same_latents_and_video(vae, video):
         vae.use_channels_last()
         z_cl = vae.encode(video)
     finally:
-        blocks.fused_norm_act, fused.causal_conv = real_norm, real_conv
+        fused.rms_norm, fused.causal_conv = real_norm, real_conv
         vae.fuse_elementwise(False).use_channels_last(False)
     assert calls["conv"] > 40 and calls["norm"] > 0  # residual/head convs and the attention norms
     torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(z_cl, z_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-5)
-    assert all(m.kernel is None for m in vae.modules() if isinstance(m, blocks.RMS_norm))
+    assert not any(m.fused for m in vae.modules() if isinstance(m, blocks.RMS_norm))
 
 
 def test_fused_norm_silu_follows_autograd():
     """With autograd on, the eager op runs (the compiled kernel is for inference), so gradients
     are the plain ones."""
-    from wan_model.vae_blocks import RMS_norm, compiled_norm_act
+    from wan_model.vae_blocks import RMS_norm
 
     torch.manual_seed(0)
     norm = RMS_norm(8, images=False)
     x = torch.randn(1, 8, 2, 4, 4, requires_grad=True)
-    norm(x, silu=True).sum().backward()
+    F.silu(norm(x)).sum().backward()
     plain = x.grad.clone()
     x.grad = None
-    norm.kernel = compiled_norm_act()
-    norm(x, silu=True).sum().backward()
+    norm.fused = True
+    F.silu(norm(x)).sum().backward()
     torch.testing.assert_close(x.grad, plain)
 
 
@@ -524,4 +524,4 @@ def test_fusing_without_triton_on_a_cuda_machine_warns_and_stays_eager(monkeypat
     monkeypatch.setattr(vt, "triton", None)
     with pytest.warns(UserWarning, match="need Triton"):
         model.fuse_elementwise()
-    assert all(m.kernel is None for m in model.modules() if isinstance(m, RMS_norm))
+    assert not any(m.fused for m in model.modules() if isinstance(m, RMS_norm))

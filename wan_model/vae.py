@@ -24,7 +24,7 @@ from .configs import VAEConfig
 from .convert_vae import diffusers_layout, official_layout, vae_name_from_diffusers
 from .loading import (WeightsError, assign_weights, check_keys, expected_shapes, open_weights,
                       strip_prefix)
-from .vae_blocks import CausalConv3d, Decoder3d, Encoder3d, FeatureCache, RMS_norm, compiled_norm_act
+from .vae_blocks import CausalConv3d, Decoder3d, Encoder3d, FeatureCache, RMS_norm
 
 SPATIAL = 8  # pixels per latent along H and W
 TEMPORAL = 4  # frames per latent frame after the first
@@ -122,11 +122,13 @@ class WanVAE(nn.Module):
         return self
 
     def fuse_elementwise(self, on: bool = True) -> "WanVAE":
-        """Run every RMS_norm (with the SiLU after it) as one compiled kernel (torch.compile).
+        """Inference through fused kernels (wan_model.vae_fused): every residual block's
+        bias + RMS norm + SiLU written straight into the next causal convolution's input (a
+        Triton kernel on CUDA, torch.compile elsewhere), the last bias and shortcut as one add,
+        and the other norms compiled.
 
-        On an H100 the eager norm and SiLU passes are about half of an encode; fused, they are
-        one read and one write per activation. Numbers agree with eager to bf16 rounding. The
-        first call of each new shape compiles (seconds); later calls reuse the kernel."""
+        On an H100 this takes an 832x480x81 encode from 0.91 s to 0.50 s. Numbers agree with
+        eager to bf16 rounding. The first call of each new shape compiles (seconds)."""
         if on and torch.cuda.is_available():
             from . import vae_triton
 
@@ -137,10 +139,9 @@ class WanVAE(nn.Module):
                               "runs eager (pip install triton, or set data.vae_compile=false to "
                               "silence this)", stacklevel=2)
                 on = False
-        kernel = compiled_norm_act() if on else None
         for m in self.modules():
             if isinstance(m, RMS_norm):
-                m.kernel = kernel
+                m.fused = on
         return self
 
     @property

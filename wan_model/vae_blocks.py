@@ -83,51 +83,10 @@ class CausalConv3d(nn.Conv3d):
         return out
 
 
-def norm_act(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool) -> torch.Tensor:
-    """RMS_norm's op, optionally followed by SiLU: the eager form, and what
-    `compiled_norm_act` fuses into one pass over memory."""
-    xf = x.float() if x.dtype in _LOW_PRECISION else x
-    y = F.normalize(xf, dim=1).to(x.dtype) * scale * gamma
-    return F.silu(y) if silu else y
-
-
-_COMPILED = None
-
-
-def compiled_norm_act():
-    """`norm_act` compiled once per process. Eager, it is ~8 passes over the activation
-    (upcast, norm, divide, downcast, two products, SiLU); fused, one read and one write."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(norm_act, dynamic=True)
-    return _COMPILED
-
-
-def fused_norm_act(kernel, x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool) -> torch.Tensor:
-    """Call a compiled `norm_act` on one of two canonical views of x, so that a handful of
-    kernels serve every level, chunk length and bucket: channels-last tensors as rows of
-    channels [N, C], others as [B, C, N]. Both are views (no copy) of the usual layouts, passed
-    detached so that the compiled code does not guard on the shape of the viewed tensor.
-    Inference only: with autograd on, the eager op runs."""
-    if x.requires_grad or gamma.requires_grad and torch.is_grad_enabled():
-        return norm_act(x, gamma, scale, silu)
-    c = x.shape[1]
-    last = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
-    if x.dim() in (4, 5) and x.is_contiguous(memory_format=last) and not x.is_contiguous():
-        order = (0, *range(2, x.dim()), 1)  # channels innermost
-        rows = x.permute(order)
-        y = kernel(rows.reshape(-1, c).detach(), gamma.reshape(1, c).detach(), scale, silu)
-        back = (0, x.dim() - 1, *range(1, x.dim() - 1))
-        return y.view(rows.shape).permute(back)
-    y = kernel(x.reshape(x.shape[0], c, -1).detach(), gamma.reshape(1, c, 1).detach(), scale, silu)
-    return y.view(x.shape)
-
-
 class RMS_norm(nn.Module):
     """`F.normalize(x, dim=channels) * sqrt(C) * gamma` (the official L2-normalise form).
 
     The normalisation runs in float32 for 16-bit inputs; in float32 this is the official op.
-    `forward(x, silu=True)` also applies the SiLU that follows it in the official blocks.
     """
 
     def __init__(self, dim: int, images: bool = True):
@@ -135,12 +94,14 @@ class RMS_norm(nn.Module):
         shape = (dim, 1, 1) if images else (dim, 1, 1, 1)
         self.scale = dim ** 0.5
         self.gamma = nn.Parameter(torch.ones(shape))
-        self.kernel = None  # set by WanVAE.fuse_elementwise(): compiled norm (+ SiLU)
+        self.fused = False  # set by WanVAE.fuse_elementwise(): compiled kernels (vae_fused)
 
-    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        if self.kernel is None:
-            return norm_act(x, self.gamma, self.scale, silu)
-        return fused_norm_act(self.kernel, x, self.gamma, self.scale, silu)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and _inference(x, self):
+            from .vae_fused import rms_norm
+            return rms_norm(x, self.gamma, self.scale)
+        xf = x.float() if x.dtype in _LOW_PRECISION else x
+        return F.normalize(xf, dim=1).to(x.dtype) * self.scale * self.gamma
 
 
 class ResidualBlock(nn.Module):
@@ -156,11 +117,13 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
         dropping = self.training and self.residual[5].p > 0
-        if cache is not None and self.residual[0].kernel is not None and not dropping and _inference(x, self):
+        if cache is not None and self.residual[0].fused and not dropping and _inference(x, self):
             from .vae_fused import residual_block
             return residual_block(self, x, cache)
         h = self.shortcut(x)
-        return _run_sequence(self.residual, x, cache) + h
+        for layer in self.residual:
+            x = layer.forward_cached(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        return x + h
 
 
 class AttentionBlock(nn.Module):
@@ -260,18 +223,11 @@ def _inference(x: torch.Tensor, module: nn.Module) -> bool:
 
 def _run_sequence(layers: nn.Sequential, x: torch.Tensor, cache: FeatureCache | None) -> torch.Tensor:
     if (len(layers) == 3 and isinstance(layers[0], RMS_norm) and isinstance(layers[2], CausalConv3d)
-            and cache is not None and layers[0].kernel is not None and _inference(x, layers)):
+            and cache is not None and layers[0].fused and _inference(x, layers)):
         from .vae_fused import head  # the head: norm -> SiLU -> causal conv, fused
         return head(layers, x, cache)
-    skip_silu = False
-    for i, layer in enumerate(layers):
-        if skip_silu:  # applied together with the norm before it
-            skip_silu = False
-            continue
-        if isinstance(layer, RMS_norm):
-            skip_silu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.SiLU)
-            x = layer(x, silu=skip_silu)
-        elif isinstance(layer, CausalConv3d):
+    for layer in layers:
+        if isinstance(layer, CausalConv3d):
             x = layer.forward_cached(x, cache)
         elif isinstance(layer, (ResidualBlock, AttentionBlock, Resample)):
             x = layer(x, cache)

@@ -1,4 +1,4 @@
-"""Fused inference kernels for the VAE's residual blocks (torch.compile).
+"""Fused inference kernels for the VAE's residual blocks and norms (Triton, torch.compile).
 
 Eager, one causal convolution of a residual block costs, besides the convolution itself: the
 norm and SiLU passes, a separate bias add after cuDNN, a copy that puts the cached frames in
@@ -77,6 +77,19 @@ def _conv_input_triton(v: torch.Tensor, bias: torch.Tensor | None, norm, prev: t
         inp[:, PAD_T - carried:PAD_T].copy_(prev)
     norm_silu_into(v, inp[:, PAD_T:], bias, norm.gamma.detach().reshape(-1), norm.scale)
     return inp
+
+
+def norm(x: torch.Tensor, gamma: torch.Tensor, scale: float, channels_last: bool) -> torch.Tensor:
+    """RMS_norm's op on a canonical view."""
+    return F.normalize(x.float(), dim=3 if channels_last else 1).to(x.dtype) * scale * gamma
+
+
+def rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
+    """RMS_norm.forward for inference, compiled: x [B,C,T,H,W], or [B,C,H,W] (per frame)."""
+    x5 = x.unsqueeze(2) if x.dim() == 4 else x
+    v, cl = _canonical(x5)
+    y = _restore(_call(norm, v, _per_channel(gamma, x.shape[1], cl, v), scale, cl), cl, *x5.shape[-2:])
+    return y.squeeze(2) if x.dim() == 4 else y
 
 
 def add_bias_residual(x: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
