@@ -21,22 +21,12 @@ import torch  # noqa: E402
 
 from wan_model.configs import FLAVOURS, DiTConfig  # noqa: E402
 from wan_model.lora import LoraError, check_all_applied, merge_weight, read_lora  # noqa: E402
+from wan_model.lora import parse_lora_spec as parse_lora_arg  # noqa: E402
 from wan_model.lora_formats import official_dit_names  # noqa: E402
 from wan_model.loading import (WeightsError, open_weights, save_safetensors_atomic,  # noqa: E402
                                save_sharded_safetensors, write_text_atomic)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def parse_lora_arg(arg: str) -> tuple[str, float]:
-    """`path[:strength]`; a colon that is not followed by a number belongs to the path."""
-    path, _, tail = arg.rpartition(":")
-    if path:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return arg, 1.0
 
 
 def official_config(base: Path, shapes: dict[str, tuple]) -> dict:

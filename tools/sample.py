@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from wan_model.lora import parse_lora_spec as parse_lora  # noqa: E402
 from wan_model.media import write_contact_sheet, write_video  # noqa: E402
 from wan_model.paths import ModelPaths  # noqa: E402
 from wan_model.sampler import (DEFAULTS, PromptSpec, WanSampler, check_frames,  # noqa: E402
@@ -68,17 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--fps", type=float, default=DEFAULTS["t2v"]["fps"])
     o.add_argument("--contact-sheet", action="store_true", help="also write NAME_sheet.png")
     return p
-
-
-def parse_lora(text: str) -> tuple[str, float]:
-    """'file.safetensors:0.7' -> (file, 0.7); a bare path has strength 1."""
-    path, sep, tail = text.rpartition(":")
-    if sep:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return text, 1.0
 
 
 def collect_specs(a) -> list[PromptSpec]:

@@ -178,6 +178,18 @@ def lora_from_peft(peft_state_dict: dict[str, torch.Tensor], alpha: float | None
 _ABS_PATH = re.compile(r"(?<![\w:/.\\])(?:~?/|[A-Za-z]:[\\/]|\\\\)[^\s'\",;)\]}]+")
 
 
+def parse_lora_spec(text: str) -> tuple[str, float]:
+    """`path[:strength]` as the tools take it: 'file.safetensors:0.7' -> (file, 0.7); a bare
+    path has strength 1, and a colon not followed by a number belongs to the path (C:/...)."""
+    path, _, tail = text.rpartition(":")
+    if path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 def scrub_paths(text: str) -> str:
     """Replace every absolute path in `text` by its last component (`/home/me/data/x` -> `x`)."""
     def last(m: re.Match) -> str:
