@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from bench.cases import Case
+from bench.run import flavour_name, model_dir, size_of
 from bench.timing import peak_memory, reset_memory
 
 FPS = 16
@@ -71,8 +72,7 @@ def _recipe(case: Case, opts, root: Path, corpus: Path, extra: list[str]):
     the training case share its data settings, so training reuses the cache."""
     from train.config import load_recipe
 
-    flavour = "tiny-t2v" if opts.tiny else case.flavour
-    w, h, f = (64, 64, 5) if opts.tiny else case.size
+    flavour, (w, h, f) = flavour_name(case, opts), size_of(case, opts)
     gpu = opts.device.type == "cuda"
     overrides = [f"model.root={root}", f"model.flavour={flavour}",
                  f"data.sources=[{{path: '{corpus}'}}]", f"data.areas=[[{w},{h}]]",
@@ -87,13 +87,11 @@ def _recipe(case: Case, opts, root: Path, corpus: Path, extra: list[str]):
 def run_cache_stage(case: Case, opts) -> dict:
     """tools/cache.py's work in-process on a fresh cache: scan + report, T5 stage, VAE stage
     (decoding in workers). Times every part; the per-clip figure is the steady state."""
-    from bench.run import model_dir
     from data.cache import build_cache, model_encoders
     from data.plan import scan
     from wan_model.paths import ModelPaths
 
-    flavour = "tiny-t2v" if opts.tiny else case.flavour
-    w, h, f = (64, 64, 5) if opts.tiny else case.size
+    flavour, (w, h, f) = flavour_name(case, opts), size_of(case, opts)
     n = 6 if opts.tiny else case.clips
     root = model_dir(opts, flavour, ("vae", "t5", "tokenizer"))
     base = _pipeline_dir(opts)
@@ -149,11 +147,9 @@ def run_cache_stage(case: Case, opts) -> dict:
 def run_train_previews(case: Case, opts) -> dict:
     """`train.loop.train` on the shipped 1.3B LoRA recipe (shortened) with previews at the
     start and every `every` steps: seconds per render, and step times before and after."""
-    from bench.run import model_dir
     from train.loop import train
 
-    flavour = "tiny-t2v" if opts.tiny else case.flavour
-    w, h, f = (64, 64, 5) if opts.tiny else case.size
+    flavour, (w, h, f) = flavour_name(case, opts), size_of(case, opts)
     root = model_dir(opts, flavour, ("dit", "vae", "t5", "tokenizer"))
     base = _pipeline_dir(opts)
     corpus = write_corpus(base / f"corpus-{w}x{h}x{f}", 4 if opts.tiny else 8, (w, h), f + 4)
