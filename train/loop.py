@@ -38,8 +38,13 @@ def make_accelerator(recipe: Recipe):
 
 def step_generator(seed: int, step: int, micro: int, rank: int, device) -> tuple:
     """Generators for one micro-batch, derived from (seed, step, micro, rank) alone: a resumed run
-    draws exactly the noise, timesteps and caption dropout an uninterrupted one would."""
+    draws exactly the noise, timesteps and caption dropout an uninterrupted one would.
+
+    The global generators (CPU and every GPU) are re-seeded from the same key, because LoRA dropout
+    and compiled kernels draw from them: whatever else used them before this step (a data-loader
+    iterator made anew on resume, a preview, a checkpoint write) cannot shift the step's masks."""
     s = (seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**63 - 1)
+    torch.manual_seed((s * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407) % (2**63 - 1))
     host = torch.Generator().manual_seed(s)
     dev = torch.Generator(device=device).manual_seed(s) if torch.device(device).type != "cpu" else host
     return host, dev
