@@ -197,7 +197,7 @@ class WanModel(nn.Module):
         self.gradient_checkpointing = False
         self.checkpoint_mode = "full"  # or "selective": keep self-attention outputs
         self.selective_blocks = -1  # selective: only the first N blocks keep them (-1 = all)
-        self.checkpoint_offload = False  # keep checkpointed activations in host memory
+        self.offload_blocks = 0  # the first N blocks keep their checkpointed inputs in host memory (-1 = all)
 
     # -- helpers -------------------------------------------------------------------------------
     def compute_dtype(self) -> torch.dtype:
@@ -240,7 +240,8 @@ class WanModel(nn.Module):
         mode = self.checkpoint_mode
         if mode == "selective" and 0 <= self.selective_blocks <= index:
             mode = "full"  # memory is tight: the later blocks recompute their attention
-        return block(x, e0, context, rope, dtype, mode, self.checkpoint_offload)
+        offload = self.offload_blocks < 0 or index < self.offload_blocks
+        return block(x, e0, context, rope, dtype, mode, offload)
 
     def compile_blocks(self, **kwargs) -> None:
         """torch.compile every block (one compiled graph serves all of them: same code, the
