@@ -20,9 +20,16 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from train.loop import train
+    from train.memory import NoPlanFits, OutOfDeviceMemory
 
     try:
         result = train(recipe)
+    except NoPlanFits as e:  # found before anything was loaded: the recipe must change
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OutOfDeviceMemory as e:  # the message says what to change
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: the last complete step-N/ checkpoint is intact; resume with "
               "checkpoint.resume=latest", file=sys.stderr)

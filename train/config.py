@@ -98,15 +98,27 @@ class TrainConfig:
     max_steps: int = _f(1000, "Optimizer steps to train.")
     grad_accum: int = _f(1, "Micro-batches per optimizer step.")
     mixed_precision: str = _f("bf16", "bf16 (autocast) or no (float32; CPU tests).")
-    base_dtype: str = _f("bf16", "dtype of the frozen base weights for LoRA: fp32, bf16 or fp8 "
-                                 "(e4m3 with per-row scales, upcast on use). Full training keeps fp32.")
-    gradient_checkpointing: bool = _f(True, "Recompute block activations in backward (saves memory).")
-    checkpoint_mode: str = _f("selective", "full (recompute whole blocks) or selective (keep each "
-                                           "block's self-attention output, recompute the rest).")
-    selective_blocks: int = _f(-1, "With checkpoint_mode=selective, only the first N blocks keep "
-                                   "their attention output (-1 = all); fewer saves memory.")
-    checkpoint_offload: bool = _f(False, "Keep checkpointed activations in host memory.")
-    block_swap: int = _f(0, "Blocks kept in host memory and streamed to the GPU (for small cards).")
+    memory: str = _f("auto", "auto: plan the memory levers left null below (checkpointing, kept "
+                             "attention, offload, block swap, fp8 base) for the card's free memory "
+                             "or memory_gib; off: null levers take the fast defaults (selective "
+                             "checkpointing, nothing offloaded or swapped, bf16 base).")
+    memory_gib: float = _f(0.0, "Plan for this many GiB of device memory instead of what the card "
+                                "has free (0 = the free memory).")
+    base_dtype: Optional[str] = _f(None, "dtype of the frozen base weights for LoRA: fp32, bf16 or fp8 "
+                                         "(e4m3 with per-row scales, upcast on use); null = planned "
+                                         "(bf16 unless only fp8 fits). Full training keeps fp32.")
+    gradient_checkpointing: Optional[bool] = _f(None, "Recompute block activations in backward "
+                                                      "(saves memory); null = planned.")
+    checkpoint_mode: Optional[str] = _f(None, "full (recompute whole blocks) or selective (keep "
+                                              "each block's self-attention output, recompute the "
+                                              "rest); null = planned.")
+    selective_blocks: Optional[int] = _f(None, "With checkpoint_mode=selective, only the first N "
+                                               "blocks keep their attention output (-1 = all); "
+                                               "null = planned.")
+    checkpoint_offload: Optional[int] = _f(None, "The first N blocks keep their checkpointed inputs "
+                                                 "in host memory (-1 = all, 0 = none); null = planned.")
+    block_swap: Optional[int] = _f(None, "Blocks (from the last) whose frozen weights stay in host "
+                                         "memory and are streamed to the GPU (0 = none); null = planned.")
     attention_backend: str = _f("auto", "auto, sdpa, cudnn, flash, efficient, math or flash_attn.")
     compile: bool = _f(False, "torch.compile each transformer block.")
     caption_dropout: float = _f(0.1, "Probability of training a sample with the empty prompt.")
@@ -181,8 +193,9 @@ class Recipe:
         t = self.train
         choices = [("train.mode", t.mode, ("lora", "full")),
                    ("train.mixed_precision", t.mixed_precision, ("bf16", "no")),
-                   ("train.base_dtype", t.base_dtype, BASE_DTYPES),
-                   ("train.checkpoint_mode", t.checkpoint_mode, ("full", "selective")),
+                   ("train.memory", t.memory, ("auto", "off")),
+                   ("train.base_dtype", t.base_dtype, BASE_DTYPES + (None,)),
+                   ("train.checkpoint_mode", t.checkpoint_mode, ("full", "selective", None)),
                    ("train.timestep.sampling", t.timestep.sampling, TIMESTEP_SAMPLINGS),
                    ("train.timestep.loss_weighting", t.timestep.loss_weighting, LOSS_WEIGHTINGS),
                    ("train.optim.name", t.optim.name, OPTIMIZERS),
@@ -190,7 +203,7 @@ class Recipe:
                    ("export.dtype", self.export.dtype, ("fp32", "bf16", "fp16"))]
         for key, value, allowed in choices:
             if value not in allowed:
-                out.append(f"{key}={value!r}: choose one of {', '.join(allowed)}")
+                out.append(f"{key}={value!r}: choose one of {', '.join(a for a in allowed if a is not None)}")
         if t.max_steps < 1:
             out.append(f"train.max_steps={t.max_steps}: must be >= 1")
         if t.grad_accum < 1:
@@ -201,8 +214,14 @@ class Recipe:
             out.append(f"train.caption_dropout={t.caption_dropout}: must be in [0, 1]")
         if t.mode == "lora" and (self.lora.rank < 1 or not self.lora.targets):
             out.append("lora: rank must be >= 1 and targets non-empty")
-        if t.block_swap < 0:
+        if t.block_swap is not None and t.block_swap < 0:
             out.append(f"train.block_swap={t.block_swap}: must be >= 0")
+        if t.memory_gib < 0:
+            out.append(f"train.memory_gib={t.memory_gib}: must be >= 0 (0 = the card's free memory)")
+        for key in ("selective_blocks", "checkpoint_offload"):
+            value = getattr(t, key)
+            if value is not None and value < -1:
+                out.append(f"train.{key}={value}: -1 (all), 0 or a number of blocks")
         if t.mode == "full" and t.base_dtype == "fp8":
             out.append("train.base_dtype=fp8 is for LoRA only: full fine-tuning trains the weights themselves")
         v = self.validation

@@ -10,14 +10,20 @@ from data.cache import (build_cache, cache_settings, conditioning_is_i2v, model_
 from data.report import bucket_table
 
 
-def prepare_cache(recipe, acc) -> tuple[dict, str]:
+def scan_corpus(recipe, acc):
+    """The corpus scan and its report; an error when nothing is usable."""
+    plan = scan_with_report(recipe.data, acc)
+    if not plan.items:
+        raise ValueError(f"nothing usable to train on in {[s.path for s in recipe.data.sources]}: "
+                         "see the dataset report above (tools/inspect_dataset.py RECIPE)")
+    return plan
+
+
+def prepare_cache(recipe, acc, plan=None) -> tuple[dict, str]:
     """Returns (the cache settings training must find, a one-line dataset summary)."""
     cfg, paths = recipe.data, recipe.model
     i2v = conditioning_is_i2v(cfg, paths)
-    plan = scan_with_report(cfg, acc)
-    if not plan.items:
-        raise ValueError(f"nothing usable to train on in {[s.path for s in cfg.sources]}: "
-                         "see the dataset report above (tools/inspect_dataset.py RECIPE)")
+    plan = plan if plan is not None else scan_corpus(recipe, acc)
     settings = cache_settings(cfg, model_identity(paths, i2v), i2v)
     try:
         stale = verify_cache(plan, settings)

@@ -15,7 +15,7 @@ from wan_model.dit_io import load_transformer
 
 from . import adapters, checkpoint, export
 from .config import Recipe, to_yaml
-from .data_prep import prepare_cache
+from .data_prep import prepare_cache, scan_corpus
 from .objective import flow_loss, noisy_input, sample_sigmas
 from .optim import build_optimizer, build_scheduler
 from .tracking import Tracker, check_finite
@@ -50,22 +50,29 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device) -> tuple
     return host, dev
 
 
-def build_model(recipe: Recipe, device):
+def build_model(recipe: Recipe, device, load=None):
+    """The DiT as the recipe trains it: base dtype, fp8, LoRA or trained parts, checkpointing,
+    block swap, attention kernel, compiled blocks. `load(dtype, device)` replaces reading the
+    recipe's weights (the benchmark draws random ones); every memory lever must be resolved
+    (`train.memory.plan_recipe` or `apply_plan`)."""
     t = recipe.train
     base = BASE_DTYPES[t.base_dtype] if t.mode == "lora" else torch.float32
+    if load is None:
+        def load(dtype, where):
+            return load_transformer(recipe.model.resolve("transformer"), dtype=dtype, device=where,
+                                    flavour=recipe.model.flavour or None)
     # With block swap the model is loaded to the host; only what stays resident goes to the GPU.
-    model = load_transformer(recipe.model.resolve("transformer"), dtype=base,
-                             device="cpu" if t.block_swap else device, flavour=recipe.model.flavour or None)
+    model = load(base, "cpu" if t.block_swap else device)
     if t.mode == "lora" and t.base_dtype == "fp8":
         from wan_model.fp8 import quantize_linears_
 
         quantize_linears_(model, work_device=device)
-    attention.set_backend(recipe.train.attention_backend)
-    model.gradient_checkpointing = recipe.train.gradient_checkpointing
-    model.checkpoint_mode = recipe.train.checkpoint_mode
-    model.selective_blocks = recipe.train.selective_blocks
-    model.checkpoint_offload = recipe.train.checkpoint_offload
-    if recipe.train.mode == "lora":
+    attention.set_backend(t.attention_backend)
+    model.gradient_checkpointing = t.gradient_checkpointing
+    model.checkpoint_mode = t.checkpoint_mode
+    model.selective_blocks = t.selective_blocks
+    model.offload_blocks = t.checkpoint_offload
+    if t.mode == "lora":
         targets = adapters.add_lora(model, recipe.lora)
     else:
         targets = adapters.select_full(model, recipe.full)
@@ -75,10 +82,22 @@ def build_model(recipe: Recipe, device):
         enable_block_swap(model, t.block_swap, device)
     else:
         model.to(device)
-    if recipe.train.compile:
+    if t.compile:
         model.compile_blocks()
     model.train()
     return model, targets
+
+
+def plan_memory(recipe: Recipe, scanned, acc):
+    """Before anything is loaded: the memory plan for the largest sample of the corpus (every
+    lever the recipe leaves null), printed once. Returns (resolved recipe, Estimate or None)."""
+    from wan_model.dit_io import read_transformer_config
+
+    from .memory import largest_grid, plan_recipe
+
+    cfg = read_transformer_config(recipe.model.resolve("transformer"), recipe.model.flavour or None)
+    grid, batch = largest_grid([item.bucket for item in scanned.items], recipe.data.batch_size)
+    return plan_recipe(recipe, cfg, grid, batch, acc.device, log=acc.print)
 
 
 def trained_tensors(model) -> dict[str, torch.Tensor]:
@@ -103,22 +122,35 @@ def compute_loss(model, batch, recipe: Recipe, empty_context, host_g, dev_g, dev
 
 
 def train(recipe: Recipe) -> dict:
-    from accelerate.utils import set_seed
-
     acc = make_accelerator(recipe)
-    device = acc.device
     out_dir = Path(recipe.run.output_dir)
-    recipe_yaml = to_yaml(recipe)
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "recipe.yaml").write_text(recipe_yaml)
         if recipe.demo.enabled:
             from .demo import prepare_demo
 
             prepare_demo(recipe.demo)
     acc.wait_for_everyone()
 
-    settings, summary = prepare_cache(recipe, acc)
+    scanned = scan_corpus(recipe, acc)
+    recipe, estimate = plan_memory(recipe, scanned, acc)  # before anything is loaded
+    try:
+        return _train(recipe, acc, scanned, estimate)
+    except torch.OutOfMemoryError as e:
+        from .memory import OutOfDeviceMemory
+
+        raise OutOfDeviceMemory.explain(recipe, estimate, e) from None
+
+
+def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
+    from accelerate.utils import set_seed
+
+    device = acc.device
+    out_dir = Path(recipe.run.output_dir)
+    recipe_yaml = to_yaml(recipe)  # with every planned lever written out
+    if acc.is_main_process:
+        (out_dir / "recipe.yaml").write_text(recipe_yaml)
+    settings, summary = prepare_cache(recipe, acc, scanned)
     dataset = CachedDataset(recipe.data.cache_dir, expected_settings=settings)
     sampler = BucketBatchSampler(dataset.buckets, recipe.data.batch_size, seed=recipe.data.seed,
                                  rank=acc.process_index, world=acc.num_processes, with_position=True)
@@ -171,6 +203,8 @@ def train(recipe: Recipe) -> dict:
     empty = dataset.empty_context
     tracker = Tracker(recipe, {"yaml": recipe_yaml, "config": json.loads(json.dumps(
         _plain(recipe), default=str))}, acc.is_main_process, step)
+    if estimate is not None:
+        tracker.predicted_gib = estimate.device / 2**30
     previews = _previewer(recipe, acc, model, out_dir)
     if previews and recipe.validation.at_start and step == 0:
         _preview(previews, tracker, step)

@@ -17,6 +17,7 @@ class Tracker:
         self.step_times: list[float] = []
         self.preview_times: list[tuple[int, float]] = []  # (step, seconds per render)
         self.held_peak: float | None = None  # training's peak, set aside while a preview renders
+        self.predicted_gib: float | None = None  # the memory planner's prediction of the step's peak
         if not enabled:
             return
         out = Path(recipe.run.output_dir)
@@ -51,6 +52,11 @@ class Tracker:
             peak = self.take_peak_gib()
             if peak is not None:
                 metrics["memory/peak_gib"] = peak  # since the last log
+                if self.predicted_gib is not None:
+                    metrics["memory/predicted_gib"] = self.predicted_gib
+                    if not self.step_times[:-1]:  # the first step: say how the plan held
+                        self.bar.write(f"memory: the first step peaked at {peak:.2f} GiB "
+                                       f"(predicted {self.predicted_gib:.2f} GiB)")
             with self.metrics_file.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
             if self.tb:
