@@ -10,6 +10,8 @@ from bench.steps import StepSettings, with_changes
 # checkpointing (no attention recompute), compiled blocks, fused AdamW, bf16 base.
 FAST = StepSettings(mode="lora", attention="cudnn", checkpointing="selective", compile=True)
 FAST_EAGER = with_changes(FAST, compile=False)
+# The memory tiers: the trainer's planner picks every memory lever for the case's cap.
+PLANNED = with_changes(FAST, planned=True)
 SIZE_81 = (832, 480, 81)
 SIZE_33 = (512, 320, 33)
 TINY_SIZE = (64, 64, 5)
@@ -40,8 +42,6 @@ def all_cases() -> list[Case]:
     # 14B: inputs of 40 checkpointed blocks (float32 residual, 27 GB) + bf16 weights (29 GB) leave
     # room to keep the self-attention outputs (0.34 GB each) of only some blocks on 80 GB.
     lora14 = with_changes(FAST, selective_blocks=8)
-    capped = StepSettings(mode="lora", attention="cudnn", checkpointing="offload", base_dtype="fp8",
-                          block_swap=34)
     cases = [
         Case("matmul", "matmul", "bf16 8192^3 matmul", estimate_s=5),
         Case("lora-1.3B-81", "ours", "1.3B LoRA r32 832x480x81", settings=[
@@ -65,9 +65,7 @@ def all_cases() -> list[Case]:
         Case("lora-14B-81", "ours", "14B LoRA r32 832x480x81", flavour="t2v-14B", settings=[
             lora14, with_changes(lora14, compile=False), with_changes(FAST_EAGER, checkpointing="full")],
             reference="ref-lora-14B-81", estimate_s=170),
-        Case("lora-14B-81-24G", "ours", "14B LoRA r32 832x480x81 under a 24 GiB cap",
-             flavour="t2v-14B", cap_gib=24.0, settings=[capped, with_changes(capped, block_swap=40)],
-             reference="ref-lora-14B-81", estimate_s=80),
+        *tier_cases(),
         Case("full-1.3B-81", "ours", "1.3B full fine-tune 832x480x81", settings=[
             StepSettings(mode="full", attention="cudnn", checkpointing="selective"),
             StepSettings(mode="full", attention="cudnn", checkpointing="full")], estimate_s=45),
@@ -92,6 +90,17 @@ def all_cases() -> list[Case]:
     ]
     cases += lever_cases()
     return cases
+
+
+def tier_cases() -> list[Case]:
+    """What each card size runs, as the planner sets it up: 832x480x81, rank 32, under a cap."""
+    tiers = [("lora-1.3B-81-8G", "t2v-1.3B", 8, 120), ("lora-1.3B-81-12G", "t2v-1.3B", 12, 90),
+             ("lora-1.3B-81-16G", "t2v-1.3B", 16, 90), ("lora-14B-81-24G", "t2v-14B", 24, 200),
+             ("lora-14B-81-16G", "t2v-14B", 16, 240), ("i2v-14B-81-24G", "i2v-14B", 24, 200)]
+    return [Case(name, "ours", f"{flavour.split('-', 1)[1]} {'I2V ' if 'i2v' in flavour else ''}LoRA r32 "
+                 f"832x480x81 within {cap} GiB (planned)", flavour=flavour, cap_gib=float(cap),
+                 settings=[PLANNED],
+                 estimate_s=est) for name, flavour, cap, est in tiers]
 
 
 def lever_cases() -> list[Case]:

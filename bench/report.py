@@ -115,9 +115,14 @@ def table_rows(results: dict) -> list[list[str]]:
                          _f(r.get("peak_reserved_gib")), _f(r.get("tflops"), "{:.0f}"), _f(r.get("mfu"), "{:.0%}"),
                          _ratio(r), f"{r['steps']} steps timed; x50 = {r['est_50_steps_s']:.1f} s (extrapolated)"])
         else:
+            note = r.get("settings_label", "")
+            if r.get("settings", {}).get("planned"):
+                note += f"; plan: {r.get('plan_text')}"
+            if r.get("prediction_error") is not None:
+                note += f"; predicted peak {r['predicted_gib']:.2f} GiB ({r['prediction_error']:+.1%})"
             rows.append([name, r["what"], f"{r['step_s']:.3f}", _f(r.get("peak_allocated_gib")),
                          _f(r.get("peak_reserved_gib")), _f(r.get("tflops"), "{:.0f}"), _f(r.get("mfu"), "{:.0%}"),
-                         _ratio(r), r.get("settings_label", "")])
+                         _ratio(r), note])
     return rows
 
 
