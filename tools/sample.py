@@ -1,6 +1,6 @@
 """Sample videos from a Wan 2.1 model, optionally with LoRAs.
 
-    python tools/sample.py --root Wan2.1-T2V-1.3B --prompt "a cat surfing" --out cat.mp4
+    python tools/sample.py --root Wan-AI/Wan2.1-T2V-1.3B --prompt "a cat surfing" --out cat.mp4
     python tools/sample.py --root Wan2.1-T2V-1.3B --lora my_lora.safetensors:0.8 \\
         --prompts-file prompts.yaml --out samples/clip.mp4
     python tools/sample.py --root Wan2.1-I2V-14B-480P --image first.png --prompt "..." --out i2v.webm
@@ -36,7 +36,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model")
-    m.add_argument("--root", default="", help="folder of an official Wan 2.1 checkpoint")
+    m.add_argument("--root", default="", help="folder or Hugging Face repo id of a Wan 2.1 checkpoint "
+                   "(official or diffusers layout), e.g. Wan-AI/Wan2.1-T2V-1.3B")
     for name in ("transformer", "vae", "text-encoder", "tokenizer", "clip"):
         m.add_argument(f"--{name}", default="", help=f"{name} path (default: inside --root)")
     m.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
@@ -109,7 +110,7 @@ def output_paths(out: Path, specs: list[PromptSpec]) -> list[Path]:
 def run(a) -> list[Path]:
     specs = collect_specs(a)
     if not (a.root or (a.transformer and a.vae and a.text_encoder and a.tokenizer)):
-        raise ValueError("no model: pass --root (an official checkpoint folder) or all of "
+        raise ValueError("no model: pass --root (a checkpoint folder or repo id) or all of "
                          "--transformer, --vae, --text-encoder and --tokenizer")
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
@@ -118,6 +119,7 @@ def run(a) -> list[Path]:
         resolve_spec(spec, a, "t2v")
     paths = ModelPaths(root=a.root, transformer=a.transformer, vae=a.vae,
                        text_encoder=a.text_encoder, tokenizer=a.tokenizer, clip=a.clip)
+    paths.fetch()  # a repo id: every file first, so a failed download costs no loading time
     sampler = WanSampler.load(paths, device=device, dtype=dtype)
     if a.compile:
         sampler.transformer.compile_blocks()
