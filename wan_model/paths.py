@@ -133,9 +133,8 @@ class ModelPaths:
         for what in components:
             path = Path(self.resolve(what))
             if not path.exists():
-                how = f"model.{what}" if getattr(self, what) else f"model.root ({self.root})"
-                out.append(f"model.{what}: {path} does not exist (from {how}); fix the path or set "
-                           f"model.{what} to the file")
+                fix = "fix the path" if getattr(self, what) else f"fix model.root or set model.{what}"
+                out.append(f"model.{what}: {path} does not exist; {fix}")
             elif what == "transformer" and path.is_dir() and not (
                     list(path.glob("*.safetensors")) or list(path.glob("*.pth"))):
                 out.append(f"model.transformer: {path} holds no .safetensors weights")
