@@ -134,3 +134,20 @@ def test_wrong_repos_are_explained(hub, tiny):
         ModelPaths(root="someone/notes").fetch(["vae"])
     assert wan_hub.is_repo_id(OFFICIAL) and not wan_hub.is_repo_id(str(tiny))
     assert not wan_hub.is_repo_id("a/b/c") and not wan_hub.is_repo_id("./x")
+
+
+def test_cache_tool_takes_a_repo_id_without_the_dit_weights(hub, tiny, tmp_path):
+    from tools import cache as cache_tool
+    from train.demo import write_corpus
+
+    serve(hub, tiny)
+    write_corpus(tmp_path / "clips", num_clips=1)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{root: {DIFFUSERS}}}\ndata:\n  sources: [{{path: {tmp_path / 'clips'}}}]\n"
+                      f"  areas: [[64, 48]]\n  frame_buckets: [17]\n  num_workers: 0\n"
+                      f"  cache_dir: {tmp_path / 'cache'}\n")
+    assert cache_tool.main([str(recipe), "--no-progress"]) == 0
+    got = hub.downloads()
+    assert "transformer/config.json" in got and "vae/diffusion_pytorch_model.safetensors" in got
+    assert not [f for f in got if f.startswith("transformer/diffusion_pytorch_model")], got
+    assert (tmp_path / "cache" / "manifest.json").is_file()

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from wan_model.lora import parse_lora_spec as parse_lora  # noqa: E402
 from wan_model.media import write_contact_sheet, write_video  # noqa: E402
 from wan_model.paths import ModelPaths  # noqa: E402
+from wan_model.quiet import quiet_third_party  # noqa: E402
 from wan_model.sampler import (DEFAULTS, PromptSpec, WanSampler, check_frames,  # noqa: E402
                                check_size, default_negative_prompt, default_shift,
                                load_prompts_file, parse_size)
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out", default="samples/sample.mp4", help="output path; the suffix picks the format")
     o.add_argument("--fps", type=float, default=DEFAULTS["t2v"]["fps"])
     o.add_argument("--contact-sheet", action="store_true", help="also write NAME_sheet.png")
+    o.add_argument("--verbose", action="store_true",
+                   help="also show the notices of third-party libraries that are hidden by default")
     return p
 
 
@@ -153,6 +156,7 @@ def run(a) -> list[Path]:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    quiet_third_party(a.verbose)
     try:
         run(a)
     except (ValueError, OSError, RuntimeError) as e:

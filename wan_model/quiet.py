@@ -38,10 +38,11 @@ LOGGED = [
 
 
 def quiet_third_party(verbose: bool = False) -> None:
-    """Hide the notices listed above (nothing when verbose). Call before the libraries load."""
-    if verbose:
-        return
+    """Hide the notices listed above, or with `verbose` show them again. Call before the
+    libraries load (some notices come at import)."""
     for name, starts in LOGGED:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropMessages) and f.starts == starts for f in logger.filters):
+        for f in [f for f in logger.filters if isinstance(f, _DropMessages)]:
+            logger.removeFilter(f)
+        if not verbose:
             logger.addFilter(_DropMessages(*starts))
