@@ -69,7 +69,8 @@ def test_wheel_installs_under_its_own_names_and_trains_the_demo_quietly(tmp_path
     assert all(name in helped for name in ("train", "cache", "inspect-lora", "publish", "verify", "bench"))
 
     r = run([str(venv / "bin" / "wantune"), "train", str(ROOT / "recipes" / "demo.yaml"), "train.max_steps=2",
-             "checkpoint.every=2", "validation.at_start=false", "validation.steps=2"], cwd=work, env=env)
+             "checkpoint.every=2", "demo.num_clips=2", "validation.at_start=false", "validation.steps=2"],
+            cwd=work, env=env)
     assert (work / "runs" / "demo" / "export" / "demo.safetensors").is_file()
     assert "done: 2 steps" in r.stdout
     assert foreign_lines(r.stdout + "\n" + r.stderr) == []

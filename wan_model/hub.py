@@ -75,7 +75,7 @@ def _download(repo_id: str, components: list[str], log) -> Path:
         raise HubError(f"{repo_id} is gated: accept its terms on its Hub page, then log in with "
                        "`hf auth login` or set HF_TOKEN") from None
     except RepositoryNotFoundError:
-        raise HubError(f"model.root={repo_id}: neither a local folder nor a model repository on "
+        raise HubError(f"{repo_id}: neither a local folder nor a model repository on "
                        f"{constants.ENDPOINT} (a private repo needs `hf auth login` or HF_TOKEN)") from None
     except Exception as e:  # offline mode or no network: the cached copy may do
         return _from_cache(repo_id, components, reason=e)
@@ -91,6 +91,9 @@ def _download(repo_id: str, components: list[str], log) -> Path:
                            f"Wan 2.1 checkpoint in the {layout} layout; set model.{what} to the file")
         wanted.update(hits)
     wanted &= files.keys()
+    if not wanted:
+        raise HubError(f"{repo_id} holds none of the files of {', '.join(components)}: it does not look "
+                       "like a Wan 2.1 checkpoint")
     cached = {f: try_to_load_from_cache(repo_id, f, revision=info.sha) for f in sorted(wanted)}
     fresh = [f for f, p in cached.items() if not isinstance(p, str)]
     if fresh:
