@@ -430,25 +430,15 @@ def _prune(cache_dir: Path, keys: set[str], captions: set[str]) -> None:
 # ---- checks for training ---------------------------------------------------------------------
 
 def conditioning_is_i2v(cfg: DataConfig, paths) -> bool:
-    """data.conditioning, or (auto) model.flavour, or the transformer's own config/keys."""
+    """data.conditioning, or (auto) what the model is (model.flavour, the DiT's config or keys)."""
     if cfg.conditioning != "auto":
         return cfg.conditioning == "i2v"
-    from wan_model import get_flavour
-
-    if paths.flavour:
-        return get_flavour(paths.flavour).dit.is_i2v
-    where = Path(paths.resolve("transformer")).expanduser()
-    config = where / "config.json" if where.is_dir() else None
-    if config is not None and config.exists():
-        c = json.loads(config.read_text())
-        return c.get("model_type") == "i2v" or c.get("in_dim") == 36 or c.get("in_channels") == 36
-    if where.suffix == ".safetensors" and where.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(where), framework="pt") as f:
-            return any(".img_emb." in f".{k}" or "image_embedder" in k for k in f.keys())
-    raise ValueError(f"cannot tell whether {where} is a t2v or an i2v model (no config.json): set "
-                     "data.conditioning=t2v or data.conditioning=i2v, or model.flavour")
+    i2v = paths.is_i2v()
+    if i2v is None:
+        raise ValueError(f"cannot tell whether {paths.resolve('transformer')} is a t2v or an i2v model "
+                         "(no config.json): set data.conditioning=t2v or data.conditioning=i2v, or "
+                         "model.flavour")
+    return i2v
 
 
 def verify_cache(plan: Plan, settings: dict) -> list[str]:

@@ -15,3 +15,39 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A local stand-in for the Hub (tests/hub_stub.py) as HF_ENDPOINT, an empty Hugging Face
+    cache under tmp_path and a token in HF_TOKEN, for this process and the commands it starts."""
+    from huggingface_hub import constants
+
+    from tests.hub_stub import HubStub
+    from wan_model import hub as wan_hub
+
+    stub = HubStub()
+    cache = tmp_path / "hf_home" / "hub"
+    monkeypatch.setenv("HF_ENDPOINT", stub.endpoint)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # huggingface_hub reads these once, when first imported (maybe earlier in this process): point
+    # its constants at the stand-in too, so that no call can reach the real Hub.
+    monkeypatch.setattr(constants, "ENDPOINT", stub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        stub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "hf_home" / "harnesses.json"),
+                        raising=False)
+    monkeypatch.setattr(wan_hub, "_FETCHED", {})
+    try:
+        yield stub
+    finally:
+        stub.close()
+
+
+HUB_TOKEN = "hf_TESTTOKENnotreal0123456789"

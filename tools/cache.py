@@ -4,10 +4,12 @@ latents for I2V), incrementally.
     python tools/cache.py RECIPE.yaml [key=value ...]
     accelerate launch tools/cache.py RECIPE.yaml      # several GPUs split the clips
 
-Prints the dataset report first. Re-running encodes only new or changed clips and captions;
-a settings change rebuilds what it affects; an interrupted run continues where it stopped.
-Exit status: 0 when the cache holds usable samples, 1 when nothing could be cached, 2 when the
-recipe is wrong.
+Downloads the model files first when model.root is a Hugging Face repo id (only the VAE, text
+encoder, tokenizer, the DiT's config.json and for I2V the CLIP tower), checks the recipe against
+the files, then prints the dataset report. Re-running encodes only new or changed clips and
+captions; a settings change rebuilds what it affects; an interrupted run continues where it
+stopped. Exit status: 0 when the cache holds usable samples, 1 when nothing could be cached, 2
+when the recipe or its files are wrong.
 """
 from __future__ import annotations
 
@@ -17,31 +19,34 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
 
-from data.cache import build_cache, conditioning_is_i2v, model_encoders, scan_with_report  # noqa: E402
-from data.recipe import load_recipe_for_tools  # noqa: E402
+from data.cache import build_cache, model_encoders, scan_with_report  # noqa: E402
+from data.preflight import CACHE_COMPONENTS, data_problems, fetch_model, report  # noqa: E402
+from data.recipe import add_recipe_arguments, recipe_from_args  # noqa: E402
+from wan_model.quiet import quiet_third_party  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", help="recipe YAML")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.num_workers=8")
+    add_recipe_arguments(parser, example="data.num_workers=8")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    try:
-        recipe = load_recipe_for_tools(args.recipe, args.overrides)
-        cfg = recipe.data
-        problems = recipe.model.problems() + ([] if cfg.cache_dir else [
-            "data.cache_dir is empty: set it to the folder the cache is written to"])
-        if problems:
-            raise ValueError("\n  - ".join([f"{args.recipe}:"] + problems))
-        i2v = conditioning_is_i2v(cfg, recipe.model)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    quiet_third_party(args.verbose)
+    recipe = recipe_from_args(args)  # the model and data sections (data.recipe)
+    if recipe is None:
         return 2
+    cfg = recipe.data
 
     from accelerate import Accelerator
 
     state = Accelerator()  # reads the launcher's settings (ACCELERATE_USE_CPU, ranks) like train.py
+    try:
+        fetch_model(recipe.model, CACHE_COMPONENTS, state)
+        i2v, problems = data_problems(recipe.model, cfg, CACHE_COMPONENTS)
+    except ValueError as e:  # a repo id that cannot be fetched (wan_model.hub.HubError)
+        problems = [str(e)]
+    if problems:
+        print(f"error: {args.recipe}: {report(problems)}", file=sys.stderr)
+        return 2
     rank, world = state.process_index, state.num_processes
     plan = scan_with_report(cfg, state, progress=not args.no_progress)
     if not plan.items:

@@ -1,8 +1,10 @@
-"""The recipe: a typed YAML schema composed of each layer's own section.
+"""The recipe: a typed YAML schema composed, in this one place, of each layer's own section
+(`model:` from wan_model.paths, `data:` from data.config) and the training ones defined here.
 
-`load_recipe(path, overrides)` merges the YAML and `key=value` overrides onto the schema;
-unknown keys and wrong types are rejected with the key named (and a "did you mean"), then every
-cross-field problem is reported at once. Relative paths are relative to the working directory.
+`load_recipe(path, overrides)` merges the YAML and `key=value` overrides onto the schema
+(data.recipe.load_sections); unknown keys and wrong types are rejected with the key named (and a
+"did you mean"), then every cross-field problem is reported at once. Relative paths are relative
+to the working directory.
 """
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from data.config import DataConfig
+from data.recipe import RecipeError, load_sections  # noqa: F401 (RecipeError: part of this API)
 from wan_model.paths import ModelPaths
 
 DEFAULT_LORA_TARGETS = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
@@ -23,6 +25,8 @@ LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "adafactor", "prodigy")
 SCHEDULERS = ("constant", "cosine", "linear")
 BASE_DTYPES = ("fp32", "bf16", "fp8")
+LOG_LEVELS = ("quiet", "verbose")
+PREVIEW_FORMATS = ("mp4", "webm", "webp", "gif")
 
 
 def _f(default, help: str, **kw):
@@ -36,6 +40,9 @@ class RunConfig:
     output_dir: str = _f("runs/wantune", "Folder of this run: checkpoints step-N/, samples/, export/, logs.")
     seed: int = _f(42, "Seed of noise, timesteps and dropout (the data order has data.seed).")
     name: str = _f("", "Run name for trackers and exported metadata (default: the output folder's name).")
+    log_level: str = _f("quiet", "quiet: notices of third-party libraries that ask nothing of you are "
+                                 "hidden (the list is in wan_model/quiet.py); verbose: everything they "
+                                 "print (as --verbose).")
 
 
 @dataclass
@@ -191,7 +198,8 @@ class Recipe:
         if not self.data.cache_dir:
             out.append("data.cache_dir is empty: set the folder for cached latents")
         t = self.train
-        choices = [("train.mode", t.mode, ("lora", "full")),
+        choices = [("run.log_level", self.run.log_level, LOG_LEVELS),
+                   ("train.mode", t.mode, ("lora", "full")),
                    ("train.mixed_precision", t.mixed_precision, ("bf16", "no")),
                    ("train.memory", t.memory, ("auto", "off")),
                    ("train.base_dtype", t.base_dtype, BASE_DTYPES + (None,)),
@@ -200,7 +208,8 @@ class Recipe:
                    ("train.timestep.loss_weighting", t.timestep.loss_weighting, LOSS_WEIGHTINGS),
                    ("train.optim.name", t.optim.name, OPTIMIZERS),
                    ("train.optim.scheduler", t.optim.scheduler, SCHEDULERS),
-                   ("export.dtype", self.export.dtype, ("fp32", "bf16", "fp16"))]
+                   ("export.dtype", self.export.dtype, ("fp32", "bf16", "fp16")),
+                   ("validation.format", self.validation.format, PREVIEW_FORMATS)]
         for key, value, allowed in choices:
             if value not in allowed:
                 out.append(f"{key}={value!r}: choose one of {', '.join(a for a in allowed if a is not None)}")
@@ -235,45 +244,9 @@ class Recipe:
         return out
 
 
-class RecipeError(ValueError):
-    pass
-
-
-def _explain(e: OmegaConfBaseException, where: str) -> str:
-    key = getattr(e, "full_key", "") or ""
-    msg = str(e).splitlines()[0]  # omegaconf's own text already says "Did you mean ...?"
-    if isinstance(e, ConfigKeyError):
-        return f"{where}: unknown key {key!r}: {msg}"
-    if isinstance(e, ValidationError):
-        return f"{where}: wrong type for {key!r}: {msg}"
-    return f"{where}: {msg} (key {key!r})"
-
-
 def load_recipe(path: str, overrides=()) -> Recipe:
     """Read a recipe YAML plus `key=value` overrides into a validated `Recipe`."""
-    schema = OmegaConf.structured(Recipe)
-    try:
-        user = OmegaConf.load(path)
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file") from None
-    except Exception as e:
-        raise RecipeError(f"{path}: not valid YAML ({e})") from e
-    try:
-        merged = OmegaConf.merge(schema, user)
-    except OmegaConfBaseException as e:
-        raise RecipeError(_explain(e, str(path))) from None
-    for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"override {item!r}: write overrides as key=value, e.g. train.max_steps=100")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
-            raise RecipeError(_explain(e, f"override {item!r}")) from None
-    recipe: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    problems = recipe.problems()
-    if problems:
-        raise RecipeError(f"{path}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
-    return recipe
+    return load_sections(Recipe, path, overrides)
 
 
 def to_yaml(recipe: Recipe) -> str:

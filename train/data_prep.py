@@ -5,8 +5,11 @@ compared with the cache manifest, and whatever is new or changed is encoded firs
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from data.cache import (build_cache, cache_settings, conditioning_is_i2v, model_encoders,
                         model_identity, scan_with_report, verify_cache)
+from data.cache_files import MANIFEST
 from data.report import bucket_table
 
 
@@ -30,7 +33,9 @@ def prepare_cache(recipe, acc, plan=None) -> tuple[dict, str]:
     except Exception as e:  # no manifest yet
         stale = [str(e)]
     if stale:
-        acc.print(f"cache: {len(stale)} item(s) to (re)build, e.g. {stale[0]}")
+        first = not (Path(cfg.cache_dir).expanduser() / MANIFEST).exists()
+        acc.print(f"cache: building {cfg.cache_dir}" if first else
+                  f"cache: {len(stale)} item(s) to (re)build, e.g. {stale[0]}")
         encoders = model_encoders(paths, cfg, i2v, acc.device)
         run = build_cache(plan, encoders, i2v, acc.process_index, acc.num_processes,
                           progress=acc.is_main_process, barrier=acc.wait_for_everyone)

@@ -18,6 +18,7 @@ from .config import Recipe, to_yaml
 from .data_prep import prepare_cache, scan_corpus
 from .objective import flow_loss, noisy_input, sample_sigmas
 from .optim import build_optimizer, build_scheduler
+from .preflight import preflight
 from .tracking import Tracker, check_finite
 
 BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
@@ -124,12 +125,13 @@ def compute_loss(model, batch, recipe: Recipe, empty_context, host_g, dev_g, dev
 def train(recipe: Recipe) -> dict:
     acc = make_accelerator(recipe)
     out_dir = Path(recipe.run.output_dir)
+    if acc.is_main_process and recipe.demo.enabled:
+        from .demo import prepare_demo
+
+        prepare_demo(recipe.demo)
+    preflight(recipe, acc)  # downloads a repo id's files; every knowable problem, before any work
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if recipe.demo.enabled:
-            from .demo import prepare_demo
-
-            prepare_demo(recipe.demo)
     acc.wait_for_everyone()
 
     scanned = scan_corpus(recipe, acc)
@@ -205,7 +207,7 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
         _plain(recipe), default=str))}, acc.is_main_process, step)
     if estimate is not None:
         tracker.predicted_gib = estimate.device / 2**30
-    previews = _previewer(recipe, acc, model, out_dir)
+    previews = _previewer(recipe, acc, model, out_dir, dataset.entries[0]["source"])
     if previews and recipe.validation.at_start and step == 0:
         _preview(previews, tracker, step)
         tracker.reset_clock()
@@ -284,13 +286,13 @@ def _preview(previews, tracker, step: int) -> None:
     tracker.log_videos(step, paths, seconds=seconds, peak_gib=tracker.render_peak_gib())
 
 
-def _previewer(recipe: Recipe, acc, model, out_dir: Path):
+def _previewer(recipe: Recipe, acc, model, out_dir: Path, corpus_clip: str):
     v = recipe.validation
     if not (v.prompts or v.prompts_file) or not acc.is_main_process:
         return None
     from .validation import Previewer
 
-    return Previewer(recipe, acc, model, out_dir / "samples")
+    return Previewer(recipe, acc, model, out_dir / "samples", corpus_clip)
 
 
 def _is_deepspeed(acc) -> bool:

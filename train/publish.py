@@ -16,12 +16,11 @@ from pathlib import Path
 
 import yaml
 
+from wan_model.hub import OFFICIAL_REPOS
 from wan_model.lora import FORMATS, inspect, read_lora, scrub_metadata, scrub_paths, write_lora
 from wan_model.loading import write_text_atomic
 
-HF_BASE_MODELS = {"t2v-1.3B": "Wan-AI/Wan2.1-T2V-1.3B", "t2v-14B": "Wan-AI/Wan2.1-T2V-14B",
-                  "i2v-14B-480p": "Wan-AI/Wan2.1-I2V-14B-480P",
-                  "i2v-14B-720p": "Wan-AI/Wan2.1-I2V-14B-720P"}
+HF_BASE_MODELS = OFFICIAL_REPOS  # key -> repo id
 CIVITAI_BASE_MODELS = {"t2v-1.3B": "Wan Video 1.3B t2v", "t2v-14B": "Wan Video 14B t2v",
                        "i2v-14B-480p": "Wan Video 14B i2v 480p", "i2v-14B-720p": "Wan Video 14B i2v 720p"}
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".webp")
@@ -86,7 +85,7 @@ def preview_prompts(previews: list[Path], recipe: dict) -> dict[str, str]:
 
 def base_model_key(flavour_or_id: str, resolution: str = "") -> str:
     """A flavour (`t2v-1.3B`), hub id or metadata value -> a key of HF_BASE_MODELS."""
-    v = flavour_or_id.strip()
+    v = flavour_or_id.strip().removesuffix("-Diffusers")  # a twin is the same base model
     for key, repo in HF_BASE_MODELS.items():
         if v in (key, repo) or v.lower() == repo.lower():
             return key
