@@ -221,14 +221,39 @@ def test_cache_placement_keeps_the_cache_and_tiling_rebuilds_the_latents(workdir
     assert "2 clips and 0 captions encoded" in cache("c1", **{"data.low_memory": "true"})
     # and streamed through the cache tool, the stored embeddings are those of the whole encoder
     cache("c2", **{"data.text_encoder_device": "stream"})
-    cache("c3", **{"data.text_encoder_device": "device"})
     files = sorted(p.name for p in (workdir / "c2" / "text").glob("*.safetensors"))
     assert len(files) == 3
     for name in files:
         a = load_file(str(workdir / "c2" / "text" / name))["context"]
-        assert torch.equal(a, load_file(str(workdir / "c3" / "text" / name))["context"])
+        assert torch.equal(a, load_file(str(workdir / "c1" / "text" / name))["context"])
     assert cache_tool.main([DEMO, *demo_overrides(workdir, "c4", **{"data.text_encoder_device": "gpu"})]) == 2
     assert "data.text_encoder_device='gpu'" in capsys.readouterr().err
+
+
+def test_streamed_text_encoder_is_freed_before_the_vae_loads(workdir):
+    """One model family resident at a time: the streamed encoder (whose controller and model
+    refer to each other, so only the collector frees them) is gone when the VAE is loaded."""
+    import weakref
+
+    from data.cache import build_cache, model_encoders
+    from data.plan import scan
+
+    recipe = load_recipe(DEMO, demo_overrides(workdir, "c-freed", **{"data.text_encoder_device": "stream"}))
+    enc, alive = model_encoders(recipe.model, recipe.data, False), []
+    load_text, load_vae = enc.load_text, enc.load_vae
+
+    def text():
+        t = load_text()
+        alive.append(weakref.ref(t.model))
+        return t
+
+    def vae():
+        alive.append(alive[0]() is not None)
+        return load_vae()
+
+    enc.load_text, enc.load_vae = text, vae
+    assert build_cache(scan(recipe.data, progress=False), enc, False, progress=False).items_encoded == 2
+    assert alive[1] is False
 
 
 def test_train_py_with_host_and_streamed_text_and_host_and_tiled_previews(workdir):
