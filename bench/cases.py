@@ -31,6 +31,7 @@ class Case:
     ref_attention: str = "sdpa"  # the reference's kernel order: torch's own, or e.g. "cudnn" first
     reference: str | None = None  # the case this one is compared with
     clips: int = 40  # cache: clips in the written corpus
+    data: tuple = ()  # cache: recipe overrides of the data section ("data.key=value")
     preview: tuple = (832, 480, 33, 30)  # previews: width, height, frames, sampling steps
     fused_vae: bool = True  # vae-ours: norm+SiLU compiled (as data/cache.py runs it on a GPU)
     vae_chunk: int = 1  # vae-ours: latent frames per causal chunk (WanVAE.set_chunks)
@@ -76,6 +77,10 @@ def all_cases() -> list[Case]:
         *[Case(f"vae-ours-chunk{n}", "vae-ours", f"our VAE encode bf16, {n} latent frames per chunk",
                reference="vae-diffusers", vae_chunk=n, estimate_s=15, default=False) for n in (2, 5, 10, 20)],
         Case("cache-stage", "cache", "caching stage: 40 clips, decode + T5 + VAE, 832x480x81",
+             reference="vae-diffusers", estimate_s=200),
+        Case("cache-8G", "cache", "caching stage under an 8 GiB cap: T5 streamed block by block, "
+             "VAE tiled, 40 clips 832x480x81", cap_gib=8.0,
+             data=("data.text_encoder_device=stream", "data.low_memory=true"),
              reference="vae-diffusers", estimate_s=200),
         Case("train-previews", "previews", "1.3B LoRA training, previews 832x480x33 30 steps CFG",
              estimate_s=200),

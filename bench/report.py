@@ -99,7 +99,8 @@ def table_rows(results: dict) -> list[list[str]]:
                          _f(r.get("peak_reserved_gib")), "", "", _ratio(r),
                          f"{r['clips_per_min']:.1f} clips/min steady (VAE+decode {r['vae_clip_s']:.2f} s, "
                          f"T5 {r['text_per_clip_s']:.3f} s per clip); {r['clips']} clips end to end "
-                         f"{r['end_to_end_s']:.0f} s incl. loads = {r['end_to_end_clips_per_min']:.1f}/min"])
+                         f"{r['end_to_end_s']:.0f} s incl. loads = {r['end_to_end_clips_per_min']:.1f}/min"
+                         + _stage_peaks(r)])
         elif kind == "previews":
             p = r["preview"]
             rows.append([name, r["what"], f"{r['render_s']:.2f} s/render", _f(r.get("peak_allocated_gib")),
@@ -124,6 +125,17 @@ def table_rows(results: dict) -> list[list[str]]:
                          _f(r.get("peak_reserved_gib")), _f(r.get("tflops"), "{:.0f}"), _f(r.get("mfu"), "{:.0%}"),
                          _ratio(r), note])
     return rows
+
+
+def _stage_peaks(r: dict) -> str:
+    """Caching: each stage's peak (allocated GiB), the placement, and the cap if there was one."""
+    if r.get("text_peak_allocated_gib") is None:
+        return ""
+    text = (f"; peaks T5 ({r.get('text_encoder_device', 'device')}) {r['text_peak_allocated_gib']:.1f}, "
+            f"VAE{' tiled' if r.get('low_memory') else ''} {r['vae_peak_allocated_gib']:.1f} GiB")
+    if r.get("cap_gib"):
+        text += f"; cap {r['cap_gib']:.0f} GiB {'respected' if r.get('cap_respected') else 'EXCEEDED'}"
+    return text
 
 
 def _ratio(r: dict) -> str:

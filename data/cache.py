@@ -9,7 +9,6 @@ launch`), rank r takes items r::world and rank 0 writes the manifest at the end.
 """
 from __future__ import annotations
 
-import gc
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from wan_model.device_memory import free_memory
 
 from .cache_files import (CACHE_FORMAT, MANIFEST, PROBES, RESIZE_METHOD, file_identity,
                           latent_path, read_record, settings_hash, text_path)
@@ -67,9 +68,7 @@ def model_encoders(paths, cfg: DataConfig, i2v: bool, device: str | torch.device
         return model
 
     def text():
-        from wan_model import load_text_encoder
-        return load_text_encoder(paths.resolve("text_encoder"), paths.resolve("tokenizer"),
-                                 dtype=DTYPES[cfg.text_dtype], device=device)
+        return load_text(paths, cfg, device)
 
     def clip():
         from wan_model import load_clip_vision
@@ -79,12 +78,24 @@ def model_encoders(paths, cfg: DataConfig, i2v: bool, device: str | torch.device
     return Encoders(vae, text, clip if i2v else None, model_identity(paths, i2v), device)
 
 
+def load_text(paths, cfg: DataConfig, device: str | torch.device = "cpu"):
+    """The recipe's umT5 encoder in data.text_dtype, placed as data.text_encoder_device says,
+    computing on `device`: for caption caching and for the prompts of validation previews."""
+    from wan_model import load_text_encoder
+
+    return load_text_encoder(paths.resolve("text_encoder"), paths.resolve("tokenizer"),
+                             dtype=DTYPES[cfg.text_dtype], device=device,
+                             placement=cfg.text_encoder_device)
+
+
 def cache_settings(cfg: DataConfig, identity: dict, i2v: bool) -> dict:
     """Everything besides the clip itself that decides the cached tensors. A change here
     rebuilds the cache; training refuses a cache built with other settings."""
     latent = {"format": CACHE_FORMAT, "vae": identity.get("vae"), "vae_dtype": cfg.vae_dtype,
-              "latent_dtype": cfg.latent_dtype, "resize": RESIZE_METHOD, "tiling": cfg.low_memory,
+              "latent_dtype": cfg.latent_dtype, "resize": RESIZE_METHOD,
+              "tiling": bool(cfg.low_memory),  # null (not planned) hashes as false: caches stay valid
               "i2v": i2v, "clip": identity.get("clip") if i2v else None}
+    # the text encoder's placement is not here: streamed or whole, it computes the same embeddings
     text = {"format": CACHE_FORMAT, "text": identity.get("text"), "text_dtype": cfg.text_dtype}
     return {"latent": latent, "latent_hash": settings_hash(latent),
             "text": text, "text_hash": settings_hash(text)}
@@ -143,7 +154,7 @@ def _encode_texts(todo: list[tuple[str, str]], encoders: Encoders, cfg: DataConf
         bar.update(len(chunk))
     bar.close()
     del encoder
-    _free_memory()
+    free_memory()
 
 
 # ---- stage 2: latents ------------------------------------------------------------------------
@@ -197,8 +208,9 @@ def _encode_latents(todo: list[tuple[Item, dict]], plan: Plan, encoders: Encoder
         rec = plan.records[item.record]
         jobs.append((str(rec.clip.path), item.frames, rec.info.backend, item.bucket.width,
                      item.bucket.height))
-    loader = torch.utils.data.DataLoader(
-        _DecodeJobs(jobs), batch_sampler=_bucket_batches(items, cfg.vae_batch_size),
+    per_call = 1 if cfg.low_memory else cfg.vae_batch_size  # tiling bounds one clip's memory;
+    loader = torch.utils.data.DataLoader(                   # a batch would multiply it again
+        _DecodeJobs(jobs), batch_sampler=_bucket_batches(items, per_call),
         num_workers=cfg.num_workers, collate_fn=_collate,
         prefetch_factor=2 if cfg.num_workers else None, persistent_workers=False,
         pin_memory=encoders.device.type == "cuda")
@@ -237,7 +249,7 @@ def _encode_latents(todo: list[tuple[Item, dict]], plan: Plan, encoders: Encoder
         writer.close()
         bar.close()
     del vae, clip, loader, batches
-    _free_memory()
+    free_memory()
     return failures
 
 
@@ -302,12 +314,6 @@ class _Writer:
 def _bar(total: int, desc: str, unit: str, progress: bool):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # ---- the whole run ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 # ours with selective checkpointing, the diffusers reference, fp8 + block swap + offload,
 # both VAEs and both samplers, the caching stage and training with previews (the other cases
 # only change sizes and settings)
-CASES = "lora-1.3B-81,ref-lora-1.3B-81,lora-14B-81-24G,vae-*,cache-stage,train-previews,sample-*"
+CASES = "lora-1.3B-81,ref-lora-1.3B-81,lora-14B-81-24G,vae-*,cache-stage,cache-8G,train-previews,sample-*"
 
 
 def test_flop_counts_match_the_issue_floors():
@@ -59,7 +59,7 @@ def test_tiny_run_writes_json_table_and_markdown(tmp_path):
     res = json.loads(files[0].read_text())
     expected = ["matmul", "lora-1.3B-81", "ref-lora-1.3B-81", "lora-14B-81-24G", "vae-ours",
                 "vae-ours-eager", "vae-ours-chunk2", "vae-ours-chunk5", "vae-ours-chunk10",
-                "vae-ours-chunk20", "cache-stage", "train-previews", "vae-diffusers", "sample-ours",
+                "vae-ours-chunk20", "cache-stage", "cache-8G", "train-previews", "vae-diffusers", "sample-ours",
                 "sample-diffusers-cudnn", "sample-diffusers"]
     assert list(res["cases"]) == expected
     bad = {k: v.get("error") for k, v in res["cases"].items() if v["status"] != "ok"}
@@ -77,6 +77,9 @@ def test_tiny_run_writes_json_table_and_markdown(tmp_path):
     cache = res["cases"]["cache-stage"]
     assert cache["clips"] == 6 and cache["clip_s"] > cache["vae_clip_s"] > 0 and cache["text_s"] > 0
     assert cache["speedup_vs_reference"] > 0 and cache["end_to_end_s"] > cache["clips"] * cache["vae_clip_s"]
+    small = res["cases"]["cache-8G"]  # its own data settings, in its own cache
+    assert small["text_encoder_device"] == "stream" and small["low_memory"] is True
+    assert small["clips"] == 6 and small["clips_per_min"] > 0
     prev = res["cases"]["train-previews"]
     assert len(prev["renders_s"]) == 3 and prev["render_s"] > 0 and len(prev["step_times_s"]) == 4
     assert prev["videos"] == [f"samples/step-{s}/00-mystyle-a-cat-walks-through-a-sunlit-gar.mp4"

@@ -27,6 +27,7 @@ SCHEDULERS = ("constant", "cosine", "linear")
 BASE_DTYPES = ("fp32", "bf16", "fp8")
 LOG_LEVELS = ("quiet", "verbose")
 PREVIEW_FORMATS = ("mp4", "webm", "webp", "gif")
+PREVIEW_DECODES = ("auto", "device", "tiled", "cpu")
 
 
 def _f(default, help: str, **kw):
@@ -159,6 +160,11 @@ class ValidationConfig:
     negative_prompt: Optional[str] = _f(None, "Negative prompt (null = the official default).")
     fps: int = _f(16, "Frame rate of the written previews.")
     format: str = _f("mp4", "mp4, webm, webp or gif.")
+    decode: str = _f("auto", "Where previews are decoded: device (the float32 VAE on the GPU for the "
+                             "render), tiled (on the GPU in spatial tiles: a fraction of the memory, "
+                             "seams blended), cpu (latents to the host, decoded there; the VAE, and "
+                             "CLIP for I2V, never visit the GPU; slow) or auto (the memory planner's "
+                             "choice; device where none runs).")
 
 
 @dataclass
@@ -208,6 +214,7 @@ class Recipe:
                    ("train.timestep.loss_weighting", t.timestep.loss_weighting, LOSS_WEIGHTINGS),
                    ("train.optim.name", t.optim.name, OPTIMIZERS),
                    ("train.optim.scheduler", t.optim.scheduler, SCHEDULERS),
+                   ("validation.decode", self.validation.decode, PREVIEW_DECODES),
                    ("export.dtype", self.export.dtype, ("fp32", "bf16", "fp16")),
                    ("validation.format", self.validation.format, PREVIEW_FORMATS)]
         for key, value, allowed in choices:

@@ -1,18 +1,22 @@
 """Validation previews during training, with the training state left untouched.
 
-Prompt embeddings are computed once at setup and the text encoder is released; the VAE (and
-CLIP for I2V) wait in host memory and visit the GPU only while a preview is decoded. Sampling
-runs without gradients in eval mode, and the mode, RNG state and freed caches are restored
-afterwards, so the step after a preview runs exactly like the step before it. An I2V prompt
-without an image starts from the first frame of a corpus clip (named in the log).
+Prompt embeddings are computed once at setup (the text encoder placed as for caching, by
+data.text_encoder_device) and the text encoder is released; the VAE (and CLIP for I2V) wait in
+host memory and, as validation.decode says, visit the GPU only while a preview is rendered
+(whole or in tiles) or never (decoded on the host). Sampling runs without gradients in eval
+mode, and the mode, RNG state and freed caches are restored afterwards, so the step after a
+preview runs exactly like the step before it. An I2V prompt without an image starts from the
+first frame of a corpus clip (named in the log).
 """
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from data.cache import load_text
 from wan_model.media import write_contact_sheet, write_video
 from wan_model.sampler import PromptSpec, WanSampler, load_prompts_file
 
@@ -75,13 +79,11 @@ class Previewer:
             acc.print(f"previews: {n} I2V prompt(s) without an image start from the first frame of "
                       f"{corpus_clip}")
         self.vae = wan_model.load_vae(paths.resolve("vae"), dtype=torch.float32, device="cpu")
-        if recipe.train.compile and acc.device.type == "cuda":
+        if recipe.train.compile and acc.device.type == "cuda" and self.v.decode != "cpu":
             self.vae.fuse_elementwise()  # decode's norm+SiLU passes as one kernel each
         self.clip = (wan_model.load_clip_vision(paths.resolve("clip"), dtype=torch.float32, device="cpu")
                      if self.i2v else None)
-        text = wan_model.load_text_encoder(paths.resolve("text_encoder"), paths.resolve("tokenizer"),
-                                           dtype=torch.bfloat16 if acc.device.type == "cuda" else torch.float32,
-                                           device=acc.device)
+        text = load_text(paths, recipe.data, acc.device)  # as the captions were cached
         dtype = torch.bfloat16 if recipe.train.mixed_precision == "bf16" else None
         self.sampler = WanSampler(dit, self.vae, text, self.clip, device=acc.device, dtype=dtype)
         negatives = {self._negative(s) for s in self.specs}
@@ -105,11 +107,9 @@ class Previewer:
         folder = self.out_dir / f"step-{step}"
         written = []
         dit.eval()
-        self.vae.to(self.acc.device)
-        if self.clip is not None:
-            self.clip.to(self.acc.device)
         try:
-            with torch.no_grad():
+            placed = decoder_placed(self.vae, self.clip, self.v.decode, self.acc.device)
+            with torch.no_grad(), placed:
                 for i, spec in enumerate(self.specs):
                     video = self.sampler.generate(
                         [spec.prompt], negative_prompt=self._negative(spec),
@@ -124,9 +124,6 @@ class Previewer:
                     write_contact_sheet(video[0].cpu(), folder / f"{name}.png")
                     written.append(path)
         finally:
-            self.vae.to("cpu")
-            if self.clip is not None:
-                self.clip.to("cpu")
             dit.train(was_training)
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:
@@ -134,3 +131,25 @@ class Previewer:
                 torch.cuda.empty_cache()
         self.acc.print(f"previews for step {step}: {folder}")
         return written
+
+
+@contextmanager
+def decoder_placed(vae, clip, decode: str, device):
+    """The VAE (and CLIP) placed for one render as validation.decode says, back on the host
+    afterwards. device (and an unplanned auto): both on `device`; tiled: the same with the
+    VAE's spatial tiling on for this render only; cpu: both stay on the host, so the sampler
+    decodes there (it moves the latents to wherever the VAE is)."""
+    tiling = vae.tiling
+    try:
+        if decode != "cpu":
+            vae.to(device)
+            if clip is not None:
+                clip.to(device)
+        if decode == "tiled":
+            vae.enable_tiling()
+        yield
+    finally:
+        vae.tiling = tiling
+        vae.to("cpu")
+        if clip is not None:
+            clip.to("cpu")
