@@ -148,6 +148,24 @@ def test_deepspeed_state_moves_to_another_number_of_processes(workdir, straight,
     assert sorted(p.relative_to(workdir / out) for p in (workdir / out / "step-2").rglob("*")) == written
 
 
+def test_deepspeed_resume_keeps_the_ema(workdir):
+    """ZeRO-2 checkpoints carry the EMA of a full fine-tune: a resumed run ends with the EMA of
+    an uninterrupted one (before, it restarted from the base weights)."""
+    cfg = deepspeed_config(workdir, 2)
+    full = {"train.mode": "full", "full.parts": "['blocks\\.1\\.']", "full.ema": True, "full.ema_decay": 0.5,
+            "train.optim.lr": 1e-3, "export.formats": "[official]", "export.dtype": "fp32"}
+    launch(workdir, "ema_straight", 1, cfg, **full)
+    launch(workdir, "ema_resumed", 1, cfg, **{**full, "train.max_steps": 2})
+    launch(workdir, "ema_resumed", 1, cfg, **{**full, "checkpoint.resume": "latest"})
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(workdir / out / "step-4" / "ema.safetensors")) for out in ("ema_straight", "ema_resumed"))
+    base = load_file(str(workdir / "ema_resumed" / "step-2" / "ema.safetensors"))
+    assert set(a) == set(b) and a and any(not torch.equal(a[k], base[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -142,6 +142,9 @@ def train(recipe: Recipe) -> dict:
     model, targets = build_model(recipe, device)  # here, after caching, which may draw or not
     ema = (adapters.EMA(trained_tensors(model), recipe.full.ema_decay)
            if recipe.train.mode == "full" and recipe.full.ema else None)
+    if ema is not None and _is_deepspeed(acc) and acc.state.deepspeed_plugin.zero_stage == 3:
+        raise ValueError("full.ema=true needs every weight on every GPU, and ZeRO-3 shards them: "
+                         "set full.ema=false, or use recipes/accelerate/zero2.yaml")
     optimizer = build_optimizer(model.parameters(), recipe.train.optim, device.type)
     scheduler = build_scheduler(optimizer, recipe.train.optim, recipe.train.max_steps)
     dit_cfg = model.cfg
@@ -165,6 +168,10 @@ def train(recipe: Recipe) -> dict:
         reshard.done_with(acc, ds_state, resume_from)
         trainer = json.loads((resume_from / "trainer.json").read_text())
         scheduler.load_state_dict(trainer["scheduler"])
+        if ema is not None and (resume_from / "ema.safetensors").exists():
+            from safetensors.torch import load_file
+
+            ema.load_state_dict(load_file(str(resume_from / "ema.safetensors")))
         step = int(trainer["step"])
         sampler.load_state_dict(trainer["sampler"])
     elif resume_from is not None:
@@ -301,7 +308,8 @@ def _save(recipe, acc, model, optimizer, scheduler, ema, sampler_state, step, re
     acc.wait_for_everyone()
     if _is_deepspeed(acc):  # sharded optimizer (and ZeRO-3 weights): every rank writes its part
         checkpoint.save_deepspeed_checkpoint(acc, recipe.run.output_dir, step, scheduler, sampler_state,
-                                             recipe_yaml, keep_last=recipe.checkpoint.keep_last)
+                                             recipe_yaml, keep_last=recipe.checkpoint.keep_last,
+                                             ema=ema.state_dict() if ema else None)
     elif acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
         path = checkpoint.save_checkpoint(
