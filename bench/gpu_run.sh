@@ -5,7 +5,7 @@
 #   bash bench/gpu_run.sh all [args...]    # both
 #   bash bench/gpu_run.sh multi [parts...] # bench/multi.py: several GPUs through accelerate launch
 #                                          # (default parts: cache ddp zero2 zero2-reshard; then
-#                                          # zero3 zero3-reshard in a second call; see its docstring)
+#                                          # `multi zero3`, `multi zero3-save zero3-reshard`: its docstring)
 # Installs the wheels carried in .whl/ (see the device notes in bench/NOTES.md), then writes logs,
 # results JSON and the BENCHMARKS.md table under $OUT (default bench/out).
 set -uo pipefail

@@ -1,9 +1,10 @@
 """Scale-out on the GPUs of one machine, measured through the real entry points
 (`accelerate launch train.py ...`, `accelerate launch tools/cache.py ...`), one part at a time:
 
-    bash bench/gpu_run.sh multi                      # cache, ddp, zero2, zero2-reshard (~9 min, 2 H200s)
-    bash bench/gpu_run.sh multi zero3 zero3-save     # the 14B full fine-tune (~9 min)
-    bash bench/gpu_run.sh multi zero3-reshard lora14 # its resume on 1 GPU; 14B LoRA scaling
+    bash bench/gpu_run.sh multi                          # cache, ddp, zero2, zero2-reshard (~9 min, 2 H200s)
+    bash bench/gpu_run.sh multi zero3                    # the 14B full fine-tune: s/step, memory (~6 min)
+    bash bench/gpu_run.sh multi zero3-save zero3-reshard # its save, export and resume on 1 GPU (~9 min)
+    bash bench/gpu_run.sh multi lora14                   # 14B LoRA on 1 GPU vs all (~7 min)
     bash bench/gpu_run.sh multi lora14               # 14B LoRA on 1 GPU vs all
     python3 -m bench.multi --tiny cache ddp zero2    # every code path at tiny sizes, on the CPU
 
@@ -14,7 +15,7 @@ Parts (random weights at real size, 832x480x81 clips):
 - zero2: the 1.3B full recipe under zero2.yaml on all GPUs: s/step, memory, checkpoint size, a
   resume on the same GPUs. zero2-reshard: that checkpoint resumed on 1 GPU (universal checkpoint).
 - zero3: the 14B full recipe under zero3_offload.yaml on all GPUs: s/step and memory (stopped
-  after a few steps: its checkpoint would be ~200 GB). zero3-save: 4 trained blocks with a save
+  after a few steps: its checkpoint would be ~170 GB). zero3-save: 4 trained blocks with a save
   and the consolidated export loaded by `load_transformer`. zero3-reshard: that checkpoint
   resumed on 1 GPU.
 - lora14: the 14B LoRA recipe on 1 GPU, then on all.
@@ -45,8 +46,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 from bench import launch, report  # noqa: E402
 from bench.multi_report import update_benchmarks_md  # noqa: E402
 
-PARTS = {"cache": 150, "ddp": 200, "zero2": 200, "zero2-reshard": 150, "zero3": 300,
-         "zero3-save": 330, "zero3-reshard": 240, "lora14": 420}  # estimated seconds on 2 H200s
+PARTS = {"cache": 150, "ddp": 200, "zero2": 200, "zero2-reshard": 150, "zero3": 360,
+         "zero3-save": 330, "zero3-reshard": 200, "lora14": 420}  # estimated seconds on 2 H200s
 DEFAULT_PARTS = ["cache", "ddp", "zero2", "zero2-reshard"]
 ACC = REPO / "recipes" / "accelerate"
 
@@ -58,7 +59,7 @@ class Bench:
         self.tiny, self.work = a.tiny, Path(a.work_dir).resolve()
         self.cpu = a.tiny and not torch.cuda.is_available()
         self.gpus = a.gpus or (2 if self.cpu else torch.cuda.device_count())
-        self.size = (64, 48, 17) if a.tiny else (832, 480, 81)
+        self.size = (64, 64, 17) if a.tiny else (832, 480, 81)
         self.clips = a.clips or (6 if a.tiny else 40)
         self.deadline = time.perf_counter() + a.budget
         device = torch.device("cpu" if self.cpu else "cuda")
@@ -150,13 +151,14 @@ class Bench:
         if not extra.get("checkpoint.resume"):
             shutil.rmtree(self.work / "runs" / out, ignore_errors=True)
         args = [str(REPO / "recipes" / recipe)] + self.train_args(big, out, **extra)
-        run = self.launch(name, procs, "train.py", args, config, stop_after_steps, out)
-        return summarize(run, self.work / "runs" / out, procs)
+        earlier = len(launch.step_rows(self.work / "runs" / out / "metrics.jsonl"))  # a resume appends
+        stop = stop_after_steps + earlier if stop_after_steps else 0
+        run = self.launch(name, procs, "train.py", args, config, stop, out)
+        return summarize(run, launch.step_rows(self.work / "runs" / out / "metrics.jsonl")[earlier:], procs)
 
 
-def summarize(run: launch.Launched, out: Path, procs: int) -> dict:
+def summarize(run: launch.Launched, rows: list[dict], procs: int) -> dict:
     """s/step (median after the first two steps, which compile), losses, memory."""
-    rows = launch.step_rows(out / "metrics.jsonl")
     timed = [r["train/s_per_step"] for r in rows if r["step"] - rows[0]["step"] >= 2] if rows else []
     peaks = [r["memory/peak_gib"] for r in rows if "memory/peak_gib" in r]
     return {"procs": procs, "steps": [r["step"] for r in rows],
@@ -232,7 +234,7 @@ def part_ddp(b: Bench) -> dict:
     for procs in (1, b.gpus):
         out[str(procs)] = b.train(f"ddp-{procs}", procs, "t2v-1.3B-lora.yaml", "t2v-1.3B", f"ddp-{procs}",
                                   ACC / "ddp.yaml" if procs > 1 and not b.cpu else None,
-                                  **{"train.max_steps": steps})
+                                  **{"train.max_steps": steps, "export.formats": "[wantune]"})
     _scaling(out, b.gpus)
     return out
 
@@ -242,7 +244,7 @@ def part_lora14(b: Bench) -> dict:
     for procs in (1, b.gpus):
         out[str(procs)] = b.train(f"lora14-{procs}", procs, "t2v-14B-lora.yaml", "t2v-14B", f"lora14-{procs}",
                                   ACC / "ddp.yaml" if procs > 1 and not b.cpu else None,
-                                  **{"train.max_steps": 5})
+                                  **{"train.max_steps": 5, "export.formats": "[wantune]"})
     _scaling(out, b.gpus)
     return out
 
@@ -291,15 +293,36 @@ def log_text(b: Bench, name: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+# How the 14B full fine-tune is tried on few GPUs, in order (the next only if one fails). Arithmetic
+# for 2 GPUs: sharded bf16 weights + grads 28 GB, fp32 master + AdamW moments 84 GB per GPU; with
+# the optimizer on the GPUs, the checkpointed block inputs (27 GB) go to the host to leave room for
+# one block's recompute. With the optimizer offloaded, the host holds ~16 bytes per parameter
+# (~225 GB for 2 ranks of the 14B blocks), near a 256 GB machine's limit.
+ZERO3_ATTEMPTS = [
+    ("zero3.yaml", {"train.checkpoint_mode": "full", "train.checkpoint_offload": "true"},
+     "optimizer states on the GPUs; checkpointed block inputs in host memory"),
+    ("zero3_offload.yaml", {}, "the shipped recipe with AdamW in host memory (zero3_offload.yaml)"),
+]
+
+
 def part_zero3(b: Bench) -> dict:
-    """The shipped 14B recipe (every block trained, AdamW in host memory), stopped after 3 steps:
-    its checkpoint (~12 bytes per trained parameter, ~200 GB) would not fit the disk."""
+    """The shipped 14B recipe (every block trained), stopped after 4 steps: its checkpoint
+    (~12 bytes per trained parameter, ~170 GB) would not fit the disk. The attempts are tried in
+    order; the later parts use the one that worked."""
     shutil.rmtree(b.work / "runs" / "zero2", ignore_errors=True)  # disk: ~40 GB of 1.3B checkpoints
     b.model("t2v-14B", ("dit",))
-    out = b.train("zero3", b.gpus, "t2v-14B-full.yaml", "t2v-14B", "zero3-all", b.config("zero3_offload.yaml"),
-                  stop_after_steps=3, **{"train.max_steps": 100})
-    shutil.rmtree(b.work / "runs" / "zero3-all", ignore_errors=True)
-    return out
+    attempts = []
+    for config, extra, what in ZERO3_ATTEMPTS:
+        try:
+            out = b.train("zero3", b.gpus, "t2v-14B-full.yaml", "t2v-14B", "zero3-all", b.config(config),
+                          stop_after_steps=4, **{"train.max_steps": 100, **extra})
+        except RuntimeError as e:
+            attempts.append({"config": config, "overrides": extra, "what": what, "error": str(e)[-1500:]})
+            continue
+        finally:
+            shutil.rmtree(b.work / "runs" / "zero3-all", ignore_errors=True)
+        return {**out, "config": config, "overrides": extra, "what": what, "failed_attempts": attempts}
+    raise RuntimeError("every attempt failed: " + json.dumps(attempts)[-2500:])
 
 
 FOUR_BLOCKS = "['^blocks\\.[0-3]\\.']"
@@ -309,15 +332,26 @@ def part_zero3_save(b: Bench) -> dict:
     """Blocks 0-3 of the 14B trained under ZeRO-3 with a checkpoint and the consolidated export
     (official layout), which `load_transformer` must load."""
     shutil.rmtree(b.work / "runs" / "zero2", ignore_errors=True)
-    out = b.train("zero3-save", b.gpus, "t2v-14B-full.yaml", "t2v-14B", "zero3", b.config("zero3_offload.yaml"),
+    config, extra, _ = _zero3_setting(b)
+    out = b.train("zero3-save", b.gpus, "t2v-14B-full.yaml", "t2v-14B", "zero3", b.config(config),
                   **{"train.max_steps": 3, "checkpoint.every": 2, "checkpoint.keep_last": 2,
-                     "full.parts": FOUR_BLOCKS})
+                     "full.parts": FOUR_BLOCKS, **extra})
+    out["config"], out["overrides"] = config, extra
     run = b.work / "runs" / "zero3"
     out["checkpoint_gb"] = folder_gb(run / "step-2")
     out["export"] = check_export(b, run / "export" / "official")
     shutil.rmtree(run / "export", ignore_errors=True)  # disk: 28 GB
     shutil.rmtree(run / "step-3", ignore_errors=True)  # the reshard part resumes step-2
     return out
+
+
+def _zero3_setting(b: Bench) -> tuple:
+    """The setting the zero3 part found working (the first attempt when it did not run)."""
+    done = b.results["parts"].get("zero3", {})
+    for attempt in ZERO3_ATTEMPTS:
+        if done.get("config") == attempt[0]:
+            return attempt
+    return ZERO3_ATTEMPTS[0]
 
 
 def check_export(b: Bench, folder: Path) -> dict:
@@ -346,10 +380,10 @@ def part_zero3_reshard(b: Bench) -> dict:
     source = b.work / "runs" / "zero3" / "step-2"
     if not source.is_dir():
         raise RuntimeError(f"{source} is missing: run the zero3 part first (same machine session)")
-    one = b.train("zero3-reshard", 1, "t2v-14B-full.yaml", "t2v-14B", "zero3-one", b.config("zero3_offload.yaml"),
+    config, extra, _ = _zero3_setting(b)
+    one = b.train("zero3-reshard", 1, "t2v-14B-full.yaml", "t2v-14B", "zero3-one", b.config(config),
                   **{"train.max_steps": 3, "checkpoint.every": 1000, "checkpoint.resume": source,
-                     "full.parts": FOUR_BLOCKS, "train.grad_accum": b.gpus,
-                     "export.formats": "[]"})
+                     "full.parts": FOUR_BLOCKS, "train.grad_accum": b.gpus, "export.formats": "[]", **extra})
     one["log_line"] = next((x for x in log_text(b, "zero3-reshard").splitlines() if "written by" in x), "")
     saved = b.results["parts"].get("zero3-save", {})
     if saved.get("losses") and one["losses"]:

@@ -20,7 +20,8 @@ def _gpus(r: dict) -> str:
 
 
 def _not_ok(what: str, p: dict) -> list[str]:
-    return [what, "", p.get("status", "?").upper(), "", "", "", (p.get("error") or p.get("reason", ""))[:160]]
+    why = " ".join((p.get("error") or p.get("reason", "")).split())  # one table row: no newlines
+    return [what, "", p.get("status", "?").upper(), "", "", "", why[:300]]
 
 
 def _train_row(what: str, r: dict, note: str = "") -> list[str]:
@@ -55,14 +56,16 @@ def rows(results: dict) -> list[list[str]]:
         out.append(_not_ok("1.3B full, ZeRO-2 resumed on 1 GPU", p))
     p = parts.get("zero3", {})
     if p.get("status") == "ok":
-        out.append(_train_row("14B full (t2v-14B-full.yaml), ZeRO-3 + optimizer offload", p,
-                              "every block trained; stopped after 3 steps (a checkpoint would be ~200 GB)"))
+        tried = "; ".join(f"{a['config']} {a['overrides']} failed" for a in p.get("failed_attempts", []))
+        out.append(_train_row(f"14B full (t2v-14B-full.yaml), ZeRO-3: {p.get('what')}", p,
+                              f"{p.get('config')} {p.get('overrides') or ''}; every block trained; stopped "
+                              "after 4 steps (a checkpoint would be ~170 GB)" + (f"; {tried}" if tried else "")))
     elif p:
         out.append(_not_ok("14B full, ZeRO-3", p))
     p = parts.get("zero3-save", {})
     if p.get("status") == "ok":
         e = p.get("export", {})
-        out.append(_train_row("14B full, ZeRO-3 + offload, blocks 0-3 trained", p,
+        out.append(_train_row(f"14B full, ZeRO-3 ({p.get('config')}), blocks 0-3 trained", p,
                               f"checkpoint {p.get('checkpoint_gb')} GB; export {e.get('gb')} GB loaded by "
                               f"load_transformer: {e.get('trained_tensors_changed')} tensors of block 0 moved, "
                               f"the rest equal to the base: {e.get('untrained_equal_base')}"))
