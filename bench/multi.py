@@ -136,7 +136,9 @@ class Bench:
     def launch(self, name: str, procs: int, script: str, args: list[str], config: Path | None = None,
                stop_after_steps: int = 0, out: str | None = None) -> launch.Launched:
         cmd = launch.accelerate_cmd(procs, script, args, config, cpu=self.cpu)
-        env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"} if self.cpu else {}
+        # on the CPU: gloo for --multi_gpu; a DeepSpeed config says use_cpu itself (the variable
+        # would turn DeepSpeed off)
+        env = {"OMP_NUM_THREADS": "1", **({"ACCELERATE_USE_CPU": "1"} if config is None else {})} if self.cpu else {}
         metrics = self.work / "runs" / out / "metrics.jsonl" if out else None
         self.log(f"{name}: {procs} process(es), {self.left():.0f} s left")
         run = launch.run(cmd, self.logs / f"{name}.log", max(self.left(), 60), stop_after_steps, metrics, env)

@@ -40,11 +40,12 @@ def launch(d: Path, out: str, procs: int, config: Path | None = None, machine: t
            script: Path = ROOT / "train.py", wait: bool = True, **extra):
     """train.py under `accelerate launch` with `procs` processes in all (plain python for one);
     `machine`: (rank, port) of one of two machines on this host."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
-    if config is not None:
+    if config is not None:  # its use_cpu says CPU; ACCELERATE_USE_CPU would turn DeepSpeed off
         launcher = [*accelerate, "--config_file", str(config), "--num_processes", str(procs)]
     elif procs > 1:
+        env["ACCELERATE_USE_CPU"] = "1"  # with --multi_gpu: a gloo world of CPU processes
         launcher = [*accelerate, "--multi_gpu", "--num_processes", str(procs), "--mixed_precision", "no",
                     "--dynamo_backend", "no"]
         launcher += (["--num_machines", "2", "--machine_rank", str(machine[0]), "--main_process_ip",
@@ -138,6 +139,7 @@ def test_deepspeed_state_moves_to_another_number_of_processes(workdir, straight,
     cfg, out = deepspeed_config(workdir, stage), f"zero{stage}"
     launch(workdir, out, before, cfg, **{"train.max_steps": 2, "train.grad_accum": 2 // before})
     written = sorted(p.relative_to(workdir / out) for p in (workdir / out / "step-2").rglob("*"))
+    assert (workdir / out / "step-2" / "deepspeed" / "pytorch_model").is_dir()  # ZeRO partitions
     done = launch(workdir, out, after, cfg, **{"checkpoint.resume": "latest", "train.grad_accum": 2 // after})
     assert f"written by {before} rank(s), continued by {after}" in done.stdout
     got, (ref_loss, ref_keys) = losses(workdir, out), straight
@@ -156,6 +158,7 @@ def test_deepspeed_resume_keeps_the_ema(workdir):
             "train.optim.lr": 1e-3, "export.formats": "[official]", "export.dtype": "fp32"}
     launch(workdir, "ema_straight", 1, cfg, **full)
     launch(workdir, "ema_resumed", 1, cfg, **{**full, "train.max_steps": 2})
+    assert (workdir / "ema_resumed" / "step-2" / "deepspeed").is_dir()
     launch(workdir, "ema_resumed", 1, cfg, **{**full, "checkpoint.resume": "latest"})
     from safetensors.torch import load_file
 
