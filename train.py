@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -23,9 +24,10 @@ def main(argv=None) -> int:
 
     try:
         result = train(recipe)
-    except KeyboardInterrupt:
-        print("interrupted: the last complete step-N/ checkpoint is intact; resume with "
-              "checkpoint.resume=latest", file=sys.stderr)
+    except KeyboardInterrupt:  # every rank gets the signal; the first says it once
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted: the last complete step-N/ checkpoint is intact; resume with "
+                  "checkpoint.resume=latest", file=sys.stderr)
         return 130
     except Exception as e:  # a crash must never look like success; any rank's error is shown
         traceback.print_exc()
@@ -41,8 +43,6 @@ def main(argv=None) -> int:
 
 def _on_rank() -> str:
     """' on rank R of N' under a launcher of several processes (which rank failed matters)."""
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return f" on rank {os.environ.get('RANK', '?')} of {world}" if world > 1 else ""
 
