@@ -42,15 +42,17 @@ def launch(d: Path, out: str, procs: int, config: Path | None = None, machine: t
     `machine`: (rank, port) of one of two machines on this host."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    # a port of our own: another run on this host may hold the default one
+    port = ["--main_process_port", str(free_port())]
     if config is not None:  # its use_cpu says CPU; ACCELERATE_USE_CPU would turn DeepSpeed off
-        launcher = [*accelerate, "--config_file", str(config), "--num_processes", str(procs)]
+        launcher = [*accelerate, "--config_file", str(config), "--num_processes", str(procs), *port]
     elif procs > 1:
         env["ACCELERATE_USE_CPU"] = "1"  # with --multi_gpu: a gloo world of CPU processes
         launcher = [*accelerate, "--multi_gpu", "--num_processes", str(procs), "--mixed_precision", "no",
                     "--dynamo_backend", "no"]
         launcher += (["--num_machines", "2", "--machine_rank", str(machine[0]), "--main_process_ip",
                       "127.0.0.1", "--main_process_port", str(machine[1])] if machine else
-                     ["--num_machines", "1"])
+                     ["--num_machines", "1", *port])
     else:
         launcher = [sys.executable]
     cmd = [*launcher, str(script), str(ROOT / "recipes" / "demo.yaml"), *overrides(d, out, **{**RUN, **extra})]
