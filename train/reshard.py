@@ -61,6 +61,8 @@ def _convert_to_universal(state_dir: Path, target: Path) -> None:
     if not tags:
         raise FileNotFoundError(f"{state_dir} holds no DeepSpeed checkpoint (no tag folder)")
     for tag in tags:
+        # one worker each: an extract worker holds a whole rank's optimizer file in memory (84 GB
+        # per rank for the 14B on 2 GPUs), and no process is forked from one that holds CUDA
         ds_to_universal(Namespace(input_folder=str(tag), output_folder=str(tmp / tag.name),
                                   num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                   strict=True, inject_missing_state=True))
