@@ -3,6 +3,9 @@
 #   bash bench/gpu_run.sh tests            # the GPU tests
 #   bash bench/gpu_run.sh bench [args...]  # tools/bench.py (args passed through)
 #   bash bench/gpu_run.sh all [args...]    # both
+#   bash bench/gpu_run.sh multi [parts...] # bench/multi.py: several GPUs through accelerate launch
+#                                          # (default parts: cache ddp zero2 zero2-reshard; then
+#                                          # `multi zero3`, `multi zero3-save zero3-reshard`: its docstring)
 # Installs the wheels carried in .whl/ (see the device notes in bench/NOTES.md), then writes logs,
 # results JSON and the BENCHMARKS.md table under $OUT (default bench/out).
 set -uo pipefail
@@ -26,6 +29,11 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 tools/bench.py --results-dir "$OUT/results" --benchmarks-md "$OUT/BENCHMARKS.md" "$@" 2>&1 | tee "$OUT/bench.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [ "$what" = multi ]; then
+  # big files (random models, corpus, caches, checkpoints) stay outside $OUT, which is copied back
+  python3 -m bench.multi --results-dir "$OUT/results" --benchmarks-md "$OUT/BENCHMARKS.md" "$@" 2>&1 | tee -a "$OUT/multi.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 exit $rc

@@ -21,25 +21,37 @@ FPS = 16
 # ---- a corpus of distinct clips ------------------------------------------------------------
 
 def _write_clip(job) -> None:
-    """A drifting random texture with a moving square (distinct content per seed), H.264."""
-    import av
-
+    """A drifting random texture with a moving square (distinct content per seed): H.264 through
+    PyAV, or MPEG-4 through OpenCV where PyAV is missing (the GPU image has OpenCV only)."""
     path, seed, (w, h), frames = job
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 255, size=(h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
     texture = np.repeat(np.repeat(coarse, 16, axis=0), 16, axis=1)[:h, :w]
+    images = []
+    for i in range(frames):
+        img = np.roll(texture, shift=(i * 2, i * 3), axis=(0, 1)).copy()
+        x, y = (37 * seed + 9 * i) % (w - 48), (23 * seed + 5 * i) % (h - 48)
+        img[y:y + 48, x:x + 48] = 255
+        images.append(img)
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.mp4")
-    with av.open(str(tmp), "w") as out:
-        stream = out.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for i in range(frames):
-            img = np.roll(texture, shift=(i * 2, i * 3), axis=(0, 1)).copy()
-            x, y = (37 * seed + 9 * i) % (w - 48), (23 * seed + 5 * i) % (h - 48)
-            img[y:y + 48, x:x + 48] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+    try:
+        import av
+    except ImportError:
+        import cv2
+
+        out = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (w, h))
+        for img in images:
+            out.write(np.ascontiguousarray(img[:, :, ::-1]))  # OpenCV takes BGR
+        out.release()
+    else:
+        with av.open(str(tmp), "w") as out:
+            stream = out.add_stream("libx264", rate=FPS)
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            for img in images:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    out.mux(packet)
+            for packet in stream.encode():
                 out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
     tmp.replace(path)
 
 

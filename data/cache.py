@@ -5,7 +5,8 @@ yet cached and is freed, then the VAE (and for I2V the CLIP tower) encodes every
 cached while worker processes decode the next clips. Files are written atomically and carry
 their own record, so a second run encodes nothing, an interrupted run continues where it
 stopped, and a changed file, caption or setting is rebuilt. With several ranks (`accelerate
-launch`), rank r takes items r::world and rank 0 writes the manifest at the end.
+launch`), rank r takes the encoder batches r, r+world, ... and rank 0 writes the manifest at the
+end.
 """
 from __future__ import annotations
 
@@ -344,12 +345,15 @@ def build_cache(plan: Plan, encoders: Encoders, i2v: bool, rank: int = 0, world:
     run, t0 = CacheRun(), time.time()
     tag = f" [rank {rank}/{world}]" if world > 1 else ""
 
-    captions = sorted(captions_needed(plan).items())[rank::world]
+    # Ranks take whole encoder batches of the one-rank order, so every caption and clip is encoded
+    # in the same company (the same shapes and kernels) as on one GPU: the same bytes on disk.
+    captions = _deal(_chunks(sorted(captions_needed(plan).items()), cfg.text_batch_size), rank, world)
     todo_text = [(h, c) for h, c in captions if not _text_done(cache_dir, h, settings["text_hash"])]
     _encode_texts(todo_text, encoders, cfg, cache_dir, settings["text_hash"], progress, "text" + tag)
     run.texts_encoded = len(todo_text)
 
-    mine = sorted(plan.items, key=lambda it: it.key)[rank::world]
+    items = sorted(plan.items, key=lambda it: it.key)
+    mine = [items[i] for i in _deal(_bucket_batches(items, cfg.vae_batch_size), rank, world)]
     wanted = [(item, _item_record(plan, item, settings["latent_hash"])) for item in mine]
     todo = [(item, rec) for item, rec in wanted if not _item_done(cache_dir, rec)]
     run.items_reused = len(wanted) - len(todo)
@@ -362,6 +366,15 @@ def build_cache(plan: Plan, encoders: Encoders, i2v: bool, rank: int = 0, world:
         write_manifest(plan, cache_dir, settings)
     run.seconds = time.time() - t0
     return run
+
+
+def _chunks(seq: list, size: int) -> list[list]:
+    return [seq[i:i + size] for i in range(0, len(seq), size)]
+
+
+def _deal(batches: list[list], rank: int, world: int) -> list:
+    """Rank r's share: batches r, r+world, ... of the one-rank order, flattened."""
+    return [x for batch in batches[rank::world] for x in batch]
 
 
 def write_manifest(plan: Plan, cache_dir: Path, settings: dict, prune: bool = True) -> dict:

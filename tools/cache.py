@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = recipe.data
 
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
 
     state = Accelerator()  # reads the launcher's settings (ACCELERATE_USE_CPU, ranks) like train.py
     try:
@@ -48,22 +49,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.recipe}: {report(problems)}", file=sys.stderr)
         return 2
     rank, world = state.process_index, state.num_processes
-    plan = scan_with_report(cfg, state, progress=not args.no_progress)
+    progress = state.is_main_process and not args.no_progress  # one voice: the main process's bars
+    plan = scan_with_report(cfg, state, progress=progress)
     if not plan.items:
-        print("nothing usable to cache (see the report above)", file=sys.stderr)
+        if state.is_main_process:
+            print("nothing usable to cache (see the report above)", file=sys.stderr)
         return 1
     encoders = model_encoders(recipe.model, cfg, i2v, state.device)
-    run = build_cache(plan, encoders, i2v, rank, world, progress=not args.no_progress,
+    run = build_cache(plan, encoders, i2v, rank, world, progress=progress,
                       barrier=state.wait_for_everyone)
-    tag = f"rank {rank}: " if world > 1 else ""
-    print(f"{tag}{run.items_encoded} clips and {run.texts_encoded} captions encoded, "
-          f"{run.items_reused} clips already cached, {run.seconds:.1f} s "
-          f"({'t2v' if not i2v else 'i2v'}, cache {cfg.cache_dir})")
-    for failure in run.failures:
-        print(f"{tag}FAILED {failure}", file=sys.stderr)
+    runs = gather_object([run]) if world > 1 else [run]  # every rank's counts, for one summary
+    if state.is_main_process:
+        print(summary(runs, i2v, cfg.cache_dir))
+        for r, each in enumerate(runs):
+            for failure in each.failures:
+                print(f"FAILED{f' (rank {r})' if world > 1 else ''} {failure}", file=sys.stderr)
     state.wait_for_everyone()
     state.end_training()  # tears the process group down cleanly before exit
     return 0
+
+
+def summary(runs: list, i2v: bool, cache_dir: str) -> str:
+    """One line for all ranks; with several, the slowest rank's seconds and each rank's share."""
+    line = (f"{sum(r.items_encoded for r in runs)} clips and {sum(r.texts_encoded for r in runs)} "
+            f"captions encoded, {sum(r.items_reused for r in runs)} clips already cached, "
+            f"{max(r.seconds for r in runs):.1f} s ({'i2v' if i2v else 't2v'}, cache {cache_dir})")
+    if len(runs) > 1:
+        line += " on {} ranks (clips encoded per rank: {})".format(
+            len(runs), ", ".join(str(r.items_encoded) for r in runs))
+    return line
 
 
 if __name__ == "__main__":

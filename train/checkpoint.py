@@ -101,9 +101,10 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def save_deepspeed_checkpoint(acc, output_dir, step: int, scheduler, sampler_state: dict,
-                              recipe_yaml: str, keep_last: int = 0) -> Path:
+                              recipe_yaml: str, keep_last: int = 0, ema: dict | None = None) -> Path:
     """DeepSpeed (ZeRO-2/3) state through accelerate, written by all ranks into a temp folder
-    that the main process renames into step-N/ once every rank is done."""
+    that the main process renames into step-N/ once every rank is done. The EMA (the same on
+    every rank) is written by the main process."""
     output_dir = Path(output_dir)
     final = output_dir / f"step-{step}"
     tmp = output_dir / f".step-{step}.tmp"
@@ -113,6 +114,8 @@ def save_deepspeed_checkpoint(acc, output_dir, step: int, scheduler, sampler_sta
     acc.save_state(str(tmp / "deepspeed"), exclude_frozen_parameters=True)
     acc.wait_for_everyone()
     if acc.is_main_process:
+        if ema is not None:
+            save_safetensors_atomic({k: v.cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         (tmp / "trainer.json").write_text(json.dumps(
             {"step": step, "sampler": sampler_state, "scheduler": scheduler.state_dict()}, indent=2))

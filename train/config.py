@@ -182,6 +182,8 @@ class TrackingConfig:
     wandb: bool = _f(False, "Log to Weights & Biases (set WANDB_MODE=offline to log without network).")
     tensorboard: bool = _f(True, "Log to TensorBoard under run.output_dir/logs.")
     project: str = _f("wantune", "Tracker project name.")
+    sample_keys: bool = _f(True, "Write the cache keys of the samples trained since the previous "
+                           "row (all ranks, in data order) to metrics.jsonl as data/keys.")
 
 
 @dataclass

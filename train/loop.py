@@ -5,6 +5,7 @@ import gc
 import json
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from data.dataset import BucketBatchSampler, CachedDataset, collate
 from wan_model import attention
 from wan_model.dit_io import load_transformer
 
-from . import adapters, checkpoint, export
+from . import adapters, checkpoint, export, reshard
 from .config import Recipe, to_yaml
 from .data_prep import prepare_cache, scan_corpus
 from .objective import flow_loss, noisy_input, sample_sigmas
@@ -24,27 +25,41 @@ from .tracking import Tracker, check_finite
 BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
+# Work done by the main process alone (the corpus scan, previews, exports, a universal checkpoint
+# conversion) keeps the other ranks waiting in a collective; NCCL's 10-minute default would stop
+# a healthy run. A rank that dies is still noticed at once: the launcher stops the others.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
+
+
 def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     handlers = []
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # CPU worlds of several processes need gloo (else each rank believes it is alone)
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=COLLECTIVE_TIMEOUT))
     mp = "bf16" if recipe.train.mixed_precision == "bf16" else "no"
     return Accelerator(mixed_precision=mp, gradient_accumulation_steps=recipe.train.grad_accum,
                        kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
 
 
-def step_generator(seed: int, step: int, micro: int, rank: int, device) -> tuple:
-    """Generators for one micro-batch, derived from (seed, step, micro, rank) alone: a resumed run
-    draws exactly the noise, timesteps and caption dropout an uninterrupted one would.
+def batch_generators(seed: int, stream_index: int, device) -> tuple:
+    """Generators for one micro-batch, derived from (seed, the batch's place in the data stream)
+    alone (`BucketBatchSampler`'s stream index, the same whatever rank trains it).
+
+    The draws (noise, timesteps, caption dropout, LoRA dropout) belong to the batch, not to the
+    rank or step that trains it: a resumed run draws exactly what an uninterrupted one would, on
+    the same or another number of ranks. Resumed on W' ranks with grad_accum A' = W*A/W', every
+    step trains the same batches with the same draws as the original W ranks with A: the same run
+    up to the order of float sums. With another A' the steps group the batches differently (the
+    global batch changes) and each batch still keeps its draws.
 
     The global generators (CPU and every GPU) are re-seeded from the same key, because LoRA dropout
-    and compiled kernels draw from them: whatever else used them before this step (a data-loader
-    iterator made anew on resume, a preview, a checkpoint write) cannot shift the step's masks."""
-    s = (seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**63 - 1)
+    and compiled kernels draw from them: whatever else used them before this batch (a data-loader
+    iterator made anew on resume, a preview, a checkpoint write) cannot shift its masks."""
+    s = (seed * 1_000_003 + stream_index * 1_009 + 101) % (2**63 - 1)
     torch.manual_seed((s * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407) % (2**63 - 1))
     host = torch.Generator().manual_seed(s)
     dev = torch.Generator(device=device).manual_seed(s) if torch.device(device).type != "cpu" else host
@@ -161,14 +176,20 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
     model, targets = build_model(recipe, device)  # here, after caching, which may draw or not
     ema = (adapters.EMA(trained_tensors(model), recipe.full.ema_decay)
            if recipe.train.mode == "full" and recipe.full.ema else None)
+    if ema is not None and _is_deepspeed(acc) and acc.state.deepspeed_plugin.zero_stage == 3:
+        raise ValueError("full.ema=true needs every weight on every GPU, and ZeRO-3 shards them: "
+                         "set full.ema=false, or use recipes/accelerate/zero2.yaml")
     optimizer = build_optimizer(model.parameters(), recipe.train.optim, device.type)
     scheduler = build_scheduler(optimizer, recipe.train.optim, recipe.train.max_steps)
     dit_cfg = model.cfg
     deepspeed = _is_deepspeed(acc)
+    resume_from = checkpoint.find_resume(recipe.checkpoint.resume, out_dir)
     if deepspeed:  # no dataloader goes through prepare(), so DeepSpeed is told the batch size
         ds = acc.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
         ds["train_batch_size"] = recipe.data.batch_size * acc.num_processes * recipe.train.grad_accum
+        # a checkpoint of another number of ranks is converted to DeepSpeed's universal layout
+        ds_state = reshard.deepspeed_state_dir(acc, resume_from, out_dir) if resume_from else None
     if recipe.train.block_swap and not deepspeed:
         # accelerate must not move a block-swapped model to the GPU: its swapped blocks stay on the host
         model, optimizer = acc.prepare(model, optimizer, device_placement=[False, True])
@@ -176,14 +197,17 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
         model, optimizer = acc.prepare(model, optimizer)
 
     step, sampler_state = 0, None
-    resume_from = checkpoint.find_resume(recipe.checkpoint.resume, out_dir)
     if resume_from is not None and deepspeed:
-        acc.load_state(str(resume_from / "deepspeed"), load_module_strict=False)
+        acc.load_state(str(ds_state), load_module_strict=False)
+        reshard.done_with(acc, ds_state, resume_from)
         trainer = json.loads((resume_from / "trainer.json").read_text())
         scheduler.load_state_dict(trainer["scheduler"])
+        if ema is not None and (resume_from / "ema.safetensors").exists():
+            from safetensors.torch import load_file
+
+            ema.load_state_dict(load_file(str(resume_from / "ema.safetensors")))
         step = int(trainer["step"])
         sampler.load_state_dict(trainer["sampler"])
-        acc.print(f"resumed from {resume_from} at step {step}")
     elif resume_from is not None:
         state = checkpoint.load_checkpoint(resume_from)
         missing = set(trained_tensors(acc.unwrap_model(model))) - set(state["trained"])
@@ -198,7 +222,9 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
             ema.load_state_dict(state["ema"])
         step = int(state["trainer"]["step"])
         sampler.load_state_dict(state["trainer"]["sampler"])
+    if resume_from is not None:
         acc.print(f"resumed from {resume_from} at step {step}")
+        acc.print(reshard.describe(resume_from, sampler, recipe, acc.num_processes))
 
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=0, pin_memory=device.type == "cuda")
@@ -213,6 +239,7 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
         tracker.reset_clock()
 
     losses: list[float] = []
+    trained_keys: list[tuple[int, str]] = []  # (stream index, sample key) since the last log
     batches = iter(loader)
     t_start = time.perf_counter()
     while step < recipe.train.max_steps:
@@ -223,8 +250,9 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
             except StopIteration:
                 batches = iter(loader)
                 batch = next(batches)
-            sampler_state = batch.pop("sampler_state")
-            host_g, dev_g = step_generator(recipe.run.seed, step, micro, acc.process_index, device)
+            sampler_state, stream_index = batch.pop("sampler_state"), batch.pop("stream_index")
+            trained_keys += [(stream_index, k) for k in batch["key"]]
+            host_g, dev_g = batch_generators(recipe.run.seed, stream_index, device)
             with acc.accumulate(model):
                 loss = compute_loss(model, batch, recipe, empty, host_g, dev_g, device)
                 acc.backward(loss)
@@ -239,12 +267,15 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
             ema.update(trained_tensors(acc.unwrap_model(model)))
         log_now = step % recipe.train.log_every == 0 or step == recipe.train.max_steps
         must_check = log_now or step % recipe.checkpoint.every == 0
-        value = float("nan")
+        value, extra = float("nan"), None
         if must_check:  # the only host sync of a step, and only at these intervals
             value = acc.reduce(total, reduction="mean").item()
             check_finite(value, step)
             losses.append(value)
-        tracker.step(step, value, scheduler.get_last_lr()[0], log_now)
+        if log_now:
+            extra = {"data/keys": _gather_keys(acc, trained_keys)} if recipe.tracking.sample_keys else None
+            trained_keys = []
+        tracker.step(step, value, scheduler.get_last_lr()[0], log_now, extra)
         if step % recipe.checkpoint.every == 0 or step == recipe.train.max_steps:
             _save(recipe, acc, model, optimizer, scheduler, ema, sampler_state, step, recipe_yaml,
                   dit_cfg, summary)
@@ -260,13 +291,21 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
     tracker.close()
     result = {"step": step, "losses": losses, "exported": [str(p) for p in exported],
               "seconds": elapsed, "step_times": tracker.step_times,
-              "preview_times": tracker.preview_times}
+              "preview_times": tracker.preview_times, "main_process": acc.is_main_process}
     acc.wait_for_everyone()
     del model, optimizer, loader, batches
     acc.free_memory()
     gc.collect()
     acc.end_training()
     return result
+
+
+def _gather_keys(acc, trained: list[tuple[int, str]]) -> list[str]:
+    """The sample keys every rank trained since the last log, in the order of the data stream."""
+    from accelerate.utils import gather_object
+
+    everyone = gather_object(trained) if acc.num_processes > 1 else trained
+    return [key for _, key in sorted(everyone, key=lambda pair: pair[0])]
 
 
 def _plain(recipe: Recipe) -> dict:
@@ -305,7 +344,8 @@ def _save(recipe, acc, model, optimizer, scheduler, ema, sampler_state, step, re
     acc.wait_for_everyone()
     if _is_deepspeed(acc):  # sharded optimizer (and ZeRO-3 weights): every rank writes its part
         checkpoint.save_deepspeed_checkpoint(acc, recipe.run.output_dir, step, scheduler, sampler_state,
-                                             recipe_yaml, keep_last=recipe.checkpoint.keep_last)
+                                             recipe_yaml, keep_last=recipe.checkpoint.keep_last,
+                                             ema=ema.state_dict() if ema else None)
     elif acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
         path = checkpoint.save_checkpoint(

@@ -38,7 +38,8 @@ class Tracker:
         self.bar = tqdm(total=recipe.train.max_steps, initial=start_step, desc="train", unit="step",
                         dynamic_ncols=True)
 
-    def step(self, step: int, loss: float, lr: float, log: bool) -> None:
+    def step(self, step: int, loss: float, lr: float, log: bool, extra: dict | None = None) -> None:
+        """`extra`: more fields of the step's metrics.jsonl row (e.g. the sample keys trained)."""
         now = time.perf_counter()
         self.step_times.append(now - self.t_last)
         self.t_last = now
@@ -58,7 +59,7 @@ class Tracker:
                         self.bar.write(f"memory: the first step peaked at {peak:.2f} GiB "
                                        f"(predicted {self.predicted_gib:.2f} GiB)")
             with self.metrics_file.open("a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+                f.write(json.dumps({"step": step, **metrics, **(extra or {})}) + "\n")
             if self.tb:
                 for k, v in metrics.items():
                     self.tb.add_scalar(k, v, step)
