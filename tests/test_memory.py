@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from train.config import Recipe
-from train.loop import build_model, compute_loss, step_generator
+from train.loop import batch_generators, build_model, compute_loss
 from train.memory import (GIB, Budget, Plan, apply_plan, default_plan, fixed_levers, planner_for)
 from train.memory_trace import LiveBytes
 from train.optim import build_optimizer
@@ -68,7 +68,7 @@ def measured_peak(recipe) -> int:
     recipe.train.caption_dropout = 0.0
 
     def step(i):
-        host_g, dev_g = step_generator(0, i, 0, 0, "cpu")
+        host_g, dev_g = batch_generators(0, i, "cpu")
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = compute_loss(model, batch, recipe, batch["context"][0], host_g, dev_g, "cpu")
         loss.backward()

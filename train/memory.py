@@ -48,7 +48,13 @@ COMPILED_TRANSIENT = 0.85
 # fragmentation and the CUDA libraries' workspaces are not tensors the trace can see.
 MARGIN, RESERVE_GIB = 0.06, 0.5
 HOST_RESERVE_GIB = 4.0  # host RAM left to the process itself (libraries, data loading, the OS)
-FP8_PREFERENCE = 0.10  # an fp8 plan must be this much faster than the best bf16 one to win
+FP8_PREFERENCE = 0.05  # an fp8 plan must be this much faster than the best bf16 one to win
+# cuDNN's attention backward keeps float32 accumulators beside the tensors the trace sees: about
+# this many float32 copies of the [tokens, dim] activation (measured on an H200, 1.3B width).
+ATTENTION_WORKSPACE = 4.5
+# Offloaded checkpoints are copied synchronously, one tensor at a time, with pinned buffers:
+# they move at about this fraction of the measured host<->device copy rate.
+OFFLOAD_EFFICIENCY = 0.25
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "paged_adamw": 8.0, "adamw8bit": 2.0, "paged_adamw8bit": 2.0,
                          "adafactor": 0.0, "prodigy": 16.0}
 
@@ -153,6 +159,21 @@ def _traced(cfg, setup: StepSetup, kinds: tuple, device: str) -> StepTrace:
     return trace_step(cfg, setup, list(kinds), device)
 
 
+@functools.lru_cache(maxsize=16)
+def _static_bytes(cfg, setup: StepSetup) -> dict:
+    model = build_meta_model(cfg, setup, cfg.num_layers)
+
+    def nbytes(ts):
+        return sum(t.numel() * t.element_size() for t in ts)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return {"total": nbytes(list(model.parameters()) + list(model.buffers())),
+            "block_frozen": [nbytes([p for p in b.parameters() if not p.requires_grad] + list(b.buffers()))
+                             for b in model.blocks],
+            "trained": nbytes(trained),
+            "trained_numel": sum(p.numel() for p in trained),
+            "largest_trained": max([p.numel() * p.element_size() for p in trained] or [0])}
+
+
 def tokens_of(cfg, grid: tuple) -> int:
     f, h, w = grid
     pt, ph, pw = cfg.patch_size
@@ -170,7 +191,6 @@ class Planner:
         self.optimizer, self.compiled, self.ema, self.grad_accum = optimizer, compiled, ema, grad_accum
         self.rates = rates or Rates()
         self.fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
-        self._static: dict[str, dict] = {}
         # Offload and block swap move bytes from the device to the host: on a CPU they are one.
         self.host_levers = self.device.type != "cpu"
 
@@ -194,21 +214,7 @@ class Planner:
     def static(self, base_dtype: str) -> dict:
         """Bytes of the whole model (meta device) in this base dtype: everything, each block's
         frozen part, the trained parameters."""
-        if base_dtype not in self._static:
-            model = build_meta_model(self.cfg, replace(self.setup, base_dtype=base_dtype), self.n)
-
-            def nbytes(ts):
-                return sum(t.numel() * t.element_size() for t in ts)
-            trained = [p for p in model.parameters() if p.requires_grad]
-            self._static[base_dtype] = {
-                "total": nbytes(list(model.parameters()) + list(model.buffers())),
-                "block_frozen": [nbytes([p for p in b.parameters() if not p.requires_grad] + list(b.buffers()))
-                                 for b in model.blocks],
-                "trained": nbytes(trained),
-                "trained_numel": sum(p.numel() for p in trained),
-                "largest_trained": max([p.numel() * p.element_size() for p in trained] or [0]),
-            }
-        return self._static[base_dtype]
+        return _static_bytes(self.cfg, replace(self.setup, base_dtype=base_dtype))
 
     def estimate(self, plan: Plan, exact: bool = True) -> Estimate:
         st = self.static(plan.base_dtype)
@@ -226,6 +232,9 @@ class Planner:
         compiled = self.compiled and self.device.type == "cuda" and not plan.block_swap
         scale = COMPILED_TRANSIENT if compiled else 1.0
         activations = trace.peak(counts, transient_scale=scale)
+        if self.device.type == "cuda":
+            L = tokens_of(self.cfg, self.setup.latent_grid) * self.setup.batch
+            activations += int(ATTENTION_WORKSPACE * L * self.cfg.dim * 4)
         optim_step = st["trained"] + step_temp
         device = weights + optim + grads_kept + max(activations, optim_step)
         host = sum(swapped) + trace.host_peak(counts)
@@ -257,7 +266,7 @@ class Planner:
             if plan.checkpointing:
                 t += linear / r.matmul + (attn - (self_attn if i < plan.keep_attention else 0)) / r.attention
                 if i < plan.offload:
-                    t += 2 * x_bytes / r.copy
+                    t += 2 * x_bytes / (r.copy * OFFLOAD_EFFICIENCY)
             swapped = i >= self.n - plan.block_swap
             if swapped:  # fetched before the forward and again before the recompute
                 passes = 2 if plan.checkpointing else 1
@@ -316,9 +325,13 @@ class Planner:
             if est.needs() <= budget.device and est.host <= budget.host:
                 fits.append(est)
                 fits.sort(key=self._rank)
-        if not fits:  # fall back on the fastest whose rough (high) estimate fits outright
-            fits = [self.estimate(e.plan) for e in rough
-                    if e.needs() <= budget.device and e.host <= budget.host][:1]
+        if not fits:  # fall back on the fastest rough candidates, checked exactly
+            for e in rough:
+                if e.needs() <= budget.device and e.host <= budget.host:
+                    exact = self.estimate(e.plan)
+                    if exact.needs() <= budget.device and exact.host <= budget.host:
+                        fits = [exact]
+                        break
         if not fits:
             frugal = min((self.estimate(p, exact=False) for p in self.candidates()), key=lambda e: e.needs())
             return Choice(None, budget, frugal, rejected_host, self.n)
@@ -476,6 +489,9 @@ def plan_recipe(recipe, cfg, grid: tuple, batch: int, device, log=print):
     if choice.best is None:
         raise NoPlanFits(advice(recipe, cfg, grid, batch, choice))
     log(choice.report())
+    r = planner.rates
+    log(f"  (step-time model {choice.best.seconds:.2f} s at matmul {r.matmul / 1e12:.0f} TFLOP/s, "
+        f"attention {r.attention / 1e12:.0f} TFLOP/s, host copies {r.copy / 1e9:.0f} GB/s)")
     return apply_plan(recipe, choice.best.plan, n), choice.best
 
 

@@ -209,7 +209,6 @@ def trace_step(cfg, setup: StepSetup, kinds: list[BlockKind], device) -> StepTra
     depth, phase = [0], [0]
     depth_max = [[-1] * (n + 2), [-1] * (n + 2)]  # n + 1: after the last block (head, loss)
     acct = LiveBytes(on_alloc=lambda d: _record(d))
-    fwd_before: dict[int, tuple[int, int]] = {}
     saved, host_saved = [0] * n, [0] * n
     created: dict[int, set] = {}  # storages each block's forward made
 
@@ -219,23 +218,29 @@ def trace_step(cfg, setup: StepSetup, kinds: list[BlockKind], device) -> StepTra
             row[depth[0]] = max(row[depth[0]], acct.now(dev))
 
     # A block's module hooks fire in the forward pass only (a checkpoint's recompute calls the
-    # block's inner function). In backward, the gradient of block k's output arriving marks the
-    # start of its backward, and the last of its trained parameters' gradients its end.
+    # block's inner function). A block's share is what the step holds more when the next block
+    # (or the head) starts than when it started: by then the model has let go of the block's
+    # input, which matters when a checkpoint keeps that input in host memory. In backward, the
+    # gradient of block k's output arriving marks the start of its backward, and the last of
+    # its trained parameters' gradients its end.
+    marks: dict[int, tuple] = {}
+
+    def mark(k):
+        marks[k] = (acct.now(dev), acct.now("cpu"), set(acct.live))
+        if k > 0:
+            b_dev, b_cpu, b_live = marks[k - 1]
+            saved[k - 1] = marks[k][0] - b_dev
+            host_saved[k - 1] = (marks[k][1] - b_cpu) if dev != "cpu" else 0
+            created[k - 1] = marks[k][2] - b_live
+        depth[0] = k + 1
+
     def pre_hook(k):
         def hook(module, args):
-            depth[0] = k + 1
-            fwd_before[k] = (acct.now(dev), acct.now("cpu"))
-            created[k] = set(acct.live)
+            mark(k)
         return hook
 
     def post_hook(k):
         def hook(module, args, out):
-            b_dev, b_cpu = fwd_before[k]
-            created[k] = set(acct.live) - created[k]
-            saved[k] = acct.now(dev) - b_dev
-            host_saved[k] = (acct.now("cpu") - b_cpu) if dev != "cpu" else 0
-            if k == n - 1:
-                depth[0] = n + 1
             if out.requires_grad:
                 out.register_hook(lambda g, k=k: depth.__setitem__(0, k + 1))
         return hook
@@ -247,7 +252,7 @@ def trace_step(cfg, setup: StepSetup, kinds: list[BlockKind], device) -> StepTra
                 depth[0] = k
         return hook
 
-    handles = []
+    handles = [model.head.register_forward_pre_hook(lambda module, args: mark(n))]
     for k, block in enumerate(model.blocks):
         handles.append(block.register_forward_pre_hook(pre_hook(k)))
         handles.append(block.register_forward_hook(post_hook(k)))
