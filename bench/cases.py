@@ -99,9 +99,9 @@ def all_cases() -> list[Case]:
 
 def tier_cases() -> list[Case]:
     """What each card size runs, as the planner sets it up: 832x480x81, rank 32, under a cap."""
-    tiers = [("lora-1.3B-81-8G", "t2v-1.3B", 8, 120), ("lora-1.3B-81-12G", "t2v-1.3B", 12, 90),
-             ("lora-1.3B-81-16G", "t2v-1.3B", 16, 90), ("lora-14B-81-24G", "t2v-14B", 24, 200),
-             ("lora-14B-81-16G", "t2v-14B", 16, 240), ("i2v-14B-81-24G", "i2v-14B", 24, 200)]
+    tiers = [("lora-1.3B-81-8G", "t2v-1.3B", 8, 50), ("lora-1.3B-81-12G", "t2v-1.3B", 12, 45),
+             ("lora-1.3B-81-16G", "t2v-1.3B", 16, 45), ("lora-14B-81-24G", "t2v-14B", 24, 90),
+             ("lora-14B-81-16G", "t2v-14B", 16, 90), ("i2v-14B-81-24G", "i2v-14B", 24, 90)]
     return [Case(name, "ours", f"{flavour.split('-', 1)[1]} {'I2V ' if 'i2v' in flavour else ''}LoRA r32 "
                  f"832x480x81 within {cap} GiB (planned)", flavour=flavour, cap_gib=float(cap),
                  settings=[PLANNED],

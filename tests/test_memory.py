@@ -151,3 +151,43 @@ def test_host_ram_is_part_of_the_plan():
     starved = planner.choose(Budget(device, 1 << 20, "test"))  # 1 MiB of host RAM
     assert starved.best is None and starved.rejected_host
     assert "host RAM" in starved.report()
+
+
+def test_each_traced_block_runs_as_its_own_kind(monkeypatch):
+    """The trace's blocks stand for the kinds KINDS lists, in that order: keep+offload, keep,
+    offload, neither. The model's own levers are prefixes (first N blocks), which cannot say
+    that; a trace set up through them offloaded the keep-only block instead of the offload-only
+    one and priced every offload-heavy plan as if nothing left the device."""
+    from train.memory import KINDS
+    from train.memory_trace import StepSetup, trace_step
+    from wan_model import checkpointing
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, *tensors):
+            seen.append(("offload", tensors[0].shape))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    real_run = checkpointing.run
+
+    def run(fn, *args, mode="full"):
+        seen.append(("mode", mode))
+        return real_run(fn, *args, mode=mode)
+
+    monkeypatch.setattr(checkpointing, "HostOffload", Recorder)
+    monkeypatch.setattr(checkpointing, "run", run)
+    trace_step(CFG, StepSetup(latent_grid=GRID), list(KINDS), "cpu")
+    kinds, offload = [], False  # a block's offload context is entered just before its checkpoint
+    for what, value in seen:
+        if what == "offload":
+            offload = True
+        else:
+            kinds.append((value == "selective", offload))
+            offload = False
+    assert kinds[:4] == [(k.keep_attention, k.offload) for k in KINDS]  # the forward pass

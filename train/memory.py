@@ -50,11 +50,14 @@ MARGIN, RESERVE_GIB = 0.06, 0.5
 HOST_RESERVE_GIB = 4.0  # host RAM left to the process itself (libraries, data loading, the OS)
 FP8_PREFERENCE = 0.05  # an fp8 plan must be this much faster than the best bf16 one to win
 # cuDNN's attention backward keeps float32 accumulators beside the tensors the trace sees: about
-# this many float32 copies of the [tokens, dim] activation (measured on an H200, 1.3B width).
+# this many float32 copies of the [tokens, dim] activation (measured on an H200, 1.3B width);
+# eager blocks (and swapped ones, which run eager) about half as many (fit to the H200 runs of
+# 2026-11-30: eager 1.3B cases +4..5% and swapped ones +12..15% with the compiled figure).
 ATTENTION_WORKSPACE = 4.5
-# Offloaded checkpoints are copied synchronously, one tensor at a time, with pinned buffers:
-# they move at about this fraction of the measured host<->device copy rate.
-OFFLOAD_EFFICIENCY = 0.25
+ATTENTION_WORKSPACE_EAGER = 2.25
+# An offloaded checkpoint goes to the host on a side stream, under compute; the copy back in the
+# backward pass waits on the compute stream, at about this fraction of the measured copy rate.
+OFFLOAD_EFFICIENCY = 0.8
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "paged_adamw": 8.0, "adamw8bit": 2.0, "paged_adamw8bit": 2.0,
                          "adafactor": 0.0, "prodigy": 16.0}
 
@@ -234,7 +237,8 @@ class Planner:
         activations = trace.peak(counts, transient_scale=scale)
         if self.device.type == "cuda":
             L = tokens_of(self.cfg, self.setup.latent_grid) * self.setup.batch
-            activations += int(ATTENTION_WORKSPACE * L * self.cfg.dim * 4)
+            workspace = ATTENTION_WORKSPACE if compiled else ATTENTION_WORKSPACE_EAGER
+            activations += int(workspace * L * self.cfg.dim * 4)
         optim_step = st["trained"] + step_temp
         device = weights + optim + grads_kept + max(activations, optim_step)
         host = sum(swapped) + trace.host_peak(counts)
@@ -266,7 +270,7 @@ class Planner:
             if plan.checkpointing:
                 t += linear / r.matmul + (attn - (self_attn if i < plan.keep_attention else 0)) / r.attention
                 if i < plan.offload:
-                    t += 2 * x_bytes / (r.copy * OFFLOAD_EFFICIENCY)
+                    t += x_bytes / (r.copy * OFFLOAD_EFFICIENCY)
             swapped = i >= self.n - plan.block_swap
             if swapped:  # fetched before the forward and again before the recompute
                 passes = 2 if plan.checkpointing else 1
@@ -297,10 +301,19 @@ class Planner:
                 offs = [fx["offload"]] if "offload" in fx else (host_grid if ck else [0])
                 swaps = [fx["block_swap"]] if "block_swap" in fx else (host_grid if (ck and swappable) else [0])
                 for s in swaps:
+                    if base == "fp8" and "base_dtype" not in fx and self._compiled_fp8(s):
+                        continue
                     for o in offs:
                         for k in keeps:
                             out.append(Plan(ck, min(k, n), min(o, n), min(s, n), base))
         return out
+
+    def _compiled_fp8(self, block_swap: int) -> bool:
+        """Whether fp8 base weights would run in compiled blocks. Measured on an H200 (8 blocks
+        of the 1.3B width, 832x480x81): a compiled block keeps dequantised copies for its
+        backward, 14.9 GiB against 7.2 GiB in bf16, so the planner never picks that; swapped
+        blocks run eager, where fp8 halves the weights as meant."""
+        return self.compiled and self.device.type == "cuda" and block_swap < self.n
 
     def choose(self, budget: Budget, exact_checks: int = 6) -> "Choice":
         """The fastest plan whose exact prediction fits. Every candidate is first estimated from

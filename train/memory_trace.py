@@ -19,6 +19,7 @@ which is what that arithmetic needs (`StepTrace.peak`).
 from __future__ import annotations
 
 import contextlib
+import re
 import weakref
 from dataclasses import dataclass, field, replace
 
@@ -181,8 +182,14 @@ def build_meta_model(cfg, setup: StepSetup, num_layers: int):
         targets = list(setup.lora_targets) or LoraConfig().targets
         add_lora(model, LoraConfig(rank=setup.lora_rank, alpha=float(setup.lora_rank),
                                    targets=targets, use_dora=setup.use_dora))
-    else:
+    elif num_layers == cfg.num_layers:
         select_full(model, FullConfig(parts=list(setup.full_parts)))
+    else:  # a traced window of blocks: parts naming blocks by index may miss it, so every block
+        # in it trains (the most a block's backward can hold); the trained bytes are counted on
+        # the whole model
+        rxs = [re.compile(x) for x in setup.full_parts]
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("blocks.") or any(rx.search(name) for rx in rxs))
     return model
 
 
@@ -198,8 +205,9 @@ def trace_step(cfg, setup: StepSetup, kinds: list[BlockKind], device) -> StepTra
     fakify_(model, fake, device)
     model.gradient_checkpointing = setup.checkpointing
     model.checkpoint_mode = "selective" if any(k.keep_attention for k in kinds) else "full"
-    model.selective_blocks = sum(k.keep_attention for k in kinds)
-    model.offload_blocks = sum(k.offload for k in kinds)
+    # each traced block is of its own kind (the model's counts would make them prefixes)
+    model.keeps_attention = lambda i: kinds[i].keep_attention
+    model.offloads = lambda i: kinds[i].offload
     model.train()
 
     dev = device.type
@@ -225,18 +233,20 @@ def trace_step(cfg, setup: StepSetup, kinds: list[BlockKind], device) -> StepTra
     # its trained parameters' gradients its end.
     marks: dict[int, tuple] = {}
 
-    def mark(k):
-        marks[k] = (acct.now(dev), acct.now("cpu"), set(acct.live))
+    def mark(k, x):
+        # block k owns its input (a checkpoint keeps it, or offloads it), not its output
+        x_key = x.untyped_storage()._cdata
+        marks[k] = (acct.now(dev), acct.now("cpu"), set(acct.live), x_key)
         if k > 0:
-            b_dev, b_cpu, b_live = marks[k - 1]
+            b_dev, b_cpu, b_live, b_key = marks[k - 1]
             saved[k - 1] = marks[k][0] - b_dev
             host_saved[k - 1] = (marks[k][1] - b_cpu) if dev != "cpu" else 0
-            created[k - 1] = marks[k][2] - b_live
+            created[k - 1] = (marks[k][2] - b_live - {x_key}) | {b_key}
         depth[0] = k + 1
 
     def pre_hook(k):
         def hook(module, args):
-            mark(k)
+            mark(k, args[0])
         return hook
 
     def post_hook(k):
@@ -252,7 +262,7 @@ def trace_step(cfg, setup: StepSetup, kinds: list[BlockKind], device) -> StepTra
                 depth[0] = k
         return hook
 
-    handles = [model.head.register_forward_pre_hook(lambda module, args: mark(n))]
+    handles = [model.head.register_forward_pre_hook(lambda module, args: mark(n, args[0]))]
     for k, block in enumerate(model.blocks):
         handles.append(block.register_forward_pre_hook(pre_hook(k)))
         handles.append(block.register_forward_hook(post_hook(k)))
