@@ -94,6 +94,43 @@ def test_a_kill_while_pruning_or_replacing_is_cleaned_up_at_the_next_start(tmp_p
     assert checkpoint.find_resume("latest", tmp_path) == tmp_path / "step-4"
 
 
+KILLED_SAVES = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from tests.test_checkpoint_files import save
+save(sys.argv[1], 2, seed=2)  # step-2 again, as a run resumed from an earlier step passes it
+save(sys.argv[1], 4, keep_last=1)  # and then prunes step-2
+"""
+
+
+@pytest.mark.parametrize("moment,n", [("old moved aside", 1), ("out of the way", 2)])  # 1: the old step-2
+def test_a_kill_while_replacing_or_pruning_loses_nothing(tmp_path, moment, n):
+    """Killed between moving an older step-2 aside and moving the new one in, the next start puts
+    the complete old one back; killed while pruning, the folder is already out of the way under
+    a hidden name (never a partial step-N/ that looks complete), and the next start removes it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.runs import ROOT
+
+    save(tmp_path, 2, seed=1)
+    before = snapshot(tmp_path / "step-2")
+    env = {**os.environ, "WANTUNE_FAULT": f"kill:{moment}:{n}", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", KILLED_SAVES, str(tmp_path), str(ROOT)], env=env,
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == -9, r.stderr[-2000:]
+    if moment == "old moved aside":
+        assert checkpoint.find_resume("latest", tmp_path) is None  # step-2 is aside, not lost
+        checkpoint.sweep(tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2"]
+        assert snapshot(tmp_path / "step-2") == before
+    else:
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["step-4"]
+        checkpoint.sweep(tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["step-4"]
+
+
 def test_unreadable_or_unsafe_checkpoints_are_refused_by_name(tmp_path):
     path = save(tmp_path, 3)
     data = (path / "trained.safetensors").read_bytes()

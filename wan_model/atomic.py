@@ -207,6 +207,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         old = temp_path(final, "old")
         os.replace(final, old)
+        faults.point(f"replace {final}: old moved aside")
     os.replace(tmp, final)
     if old is not None:
         remove_dir(old)
@@ -218,6 +219,7 @@ def remove_dir(path: Path) -> None:
     doomed = temp_path(path, "del") if not path.name.startswith(".") else path
     if doomed != path:
         os.replace(path, doomed)
+    faults.point(f"remove {path}: out of the way")
     shutil.rmtree(doomed, ignore_errors=True)
 
 

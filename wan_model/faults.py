@@ -29,7 +29,8 @@ def _settings() -> dict:
         kind, pattern, n = "", "", 0
         spec = os.environ.get("WANTUNE_FAULT", "")
         if spec:
-            kind, pattern, n = spec.split(":")
+            kind, rest = spec.split(":", 1)
+            pattern, n = rest.rsplit(":", 1)  # the pattern may hold colons ("startup:")
             if kind not in ("kill", *_ERRNOS):
                 raise ValueError(f"WANTUNE_FAULT={spec!r}: the kind must be kill, enospc or eacces")
         _state = {"pid": os.getpid(), "kind": kind, "pattern": pattern, "n": int(n or 0),
