@@ -16,6 +16,16 @@ def dead_pid() -> int:
     return p.pid
 
 
+def free_port() -> int:
+    """A port no one listens on now, for a 2-process launch (another test session on the same
+    machine may hold accelerate's default 29500)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def train_argv(assets: Path, out: Path, cache: Path, **extra) -> list[str]:
     """recipes/demo.yaml on the tiny corpus and model of `assets`, quiet and small."""
     base = {"model.root": assets / "model", "data.sources": f"[{{path: {assets / 'clips'}}}]",
