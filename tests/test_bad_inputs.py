@@ -206,7 +206,8 @@ def run_train(forkserver, tiny_assets, tmp_path, env=None, **extra):
     ({"train.max_steps": 0, "validation.frames": 30}, 2, ["2 problem(s)", "train.max_steps=0: must be >= 1",
                                                          "validation.frames=30: must be 4k+1 (nearest: 29)"]),
     ({"data.frame_buckets": "[1,6]"}, 2, ["data.frame_buckets has [6]: every count must be 4k+1"]),
-    ({"lora.targets": "[self_attn.qq]"}, 1, ["['self_attn.qq'] match no Linear", "valid names are"]),
+    ({"lora.targets": "[self_attn.qq]"}, 2, ["found before any work", "['self_attn.qq'] match no Linear",
+                                             "valid names are"]),
 ])
 def test_r01_recipe_typos_types_and_ranges(forkserver, tiny_assets, tmp_path, override, rc, needles):
     r = run_train(forkserver, tiny_assets, tmp_path, **override)
@@ -227,14 +228,14 @@ def test_r02_recipe_file_missing_or_not_yaml(forkserver, tmp_path):
     ("Wan2.1_VAE.pth", "", "this file holds the Wan VAE (Wan2.1_VAE.pth), not the Wan DiT (transformer); "
                            "point model.transformer at the DiT weights"),
     ("", "t2v-1.3B", "asked for flavour 't2v-1.3B' but the weights are tiny-t2v; fix model.flavour or the path"),
-    ("missing_folder", "", "missing_folder: no such file or folder (expected the"),
+    ("missing_folder", "", "missing_folder does not exist; fix the path"),
 ])
 def test_w01_wrong_component_flavour_or_path(forkserver, tiny_assets, tmp_path, transformer, flavour, needle):
     extra = {"model.flavour": flavour} if flavour else {}
     if transformer:
         extra["model.transformer"] = tiny_assets / "model" / transformer
     r = run_train(forkserver, tiny_assets, tmp_path, **extra)
-    assert r.returncode == 1 and needle in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 2 and "found before any work" in r.stderr and needle in r.stderr, r.stderr[-3000:]
 
 
 def test_w02_truncated_weights(tmp_path):
@@ -328,7 +329,7 @@ def test_c03_checkpoint_of_other_settings(forkserver, tiny_assets, trained, tmp_
     assert r.returncode == 1 and "the saved data position belongs to another dataset, batch size" in r.stderr
     r = forkserver.run("train", train_argv(tiny_assets, tmp_path / "run", trained / "cache",
                                            **{"checkpoint.resume": str(tmp_path)}), tmp_path)
-    assert r.returncode == 1 and "is not a complete step-N/ checkpoint (no trainer.json)" in r.stderr
+    assert r.returncode == 2 and "is not a complete step-N/ checkpoint (no trainer.json)" in r.stderr
 
 
 def test_k01_nan_or_inf_in_a_cache_file(forkserver, tiny_assets, trained, tmp_path):
