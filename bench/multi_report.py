@@ -1,8 +1,9 @@
 """The BENCHMARKS.md section of the multi-GPU bench (bench/multi.py): one table from its JSON."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from wan_model.atomic import write_text_atomic
 
 BEGIN = "<!-- bench:multi:begin -->"
 END = "<!-- bench:multi:end -->"
@@ -122,6 +123,4 @@ def update_benchmarks_md(path: Path, results: dict) -> None:
         text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
     else:
         text = text.rstrip() + "\n\n## Several GPUs (bench/multi.py)\n\n" + section + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from wan_model.atomic import write_text_atomic
+
 BEGIN = "<!-- bench:table:begin -->"
 END = "<!-- bench:table:end -->"
 
@@ -69,10 +71,7 @@ def slug(text: str) -> str:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _f(v, fmt="{:.2f}") -> str:
@@ -191,6 +190,4 @@ def update_benchmarks_md(path: Path, results: dict) -> None:
     else:
         text = ("# Benchmarks\n\nWritten by `python tools/bench.py` (see bench/NOTES.md for the FLOP "
                 "convention, the levers and the floor analysis).\n\n" + section + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)

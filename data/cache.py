@@ -245,6 +245,8 @@ def _encode_latents(todo: list[tuple[Item, dict]], plan: Plan, encoders: Encoder
                                   {k: t[b].detach().to(out_dtype) for k, t in tensors.items()})
             bar.update(len(batch))
         writer.finish()
+        failures += [f"{key}: the encoders gave NaN/inf {names} (an overflow in {cfg.vae_dtype}?): "
+                     "not cached; try data.vae_dtype=float32" for key, names in writer.not_finite]
     finally:
         torch.backends.cudnn.benchmark = benchmark
         writer.close()
@@ -268,6 +270,7 @@ class _Writer:
         self.pending: list = []
         self.error: BaseException | None = None
         self.done = 0
+        self.not_finite: list[tuple[str, list[str]]] = []  # skipped: would turn every weight NaN
 
     def submit(self, key: str, record: dict, tensors: dict[str, torch.Tensor]) -> None:
         event = None
@@ -290,6 +293,10 @@ class _Writer:
         try:
             if event is not None:
                 event.synchronize()
+            bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+            if bad:  # checked here, on the host copy, so the encode loop never waits for it
+                self.not_finite.append((key, bad))
+                return
             record["shapes"] = {k: list(t.shape) for k, t in tensors.items()}
             save_safetensors_atomic(tensors, latent_path(self.cache_dir, key), {"wantune": json.dumps(record)})
             self.done += 1
@@ -399,7 +406,7 @@ def write_manifest(plan: Plan, cache_dir: Path, settings: dict, prune: bool = Tr
                       "text_file": f"text/{rec.caption_hash}.safetensors"})
     manifest = {"format": CACHE_FORMAT, "settings": settings, "i2v": settings["latent"]["i2v"],
                 "empty_text_file": f"text/{text_hash('')}.safetensors", "items": items,
-                "missing": missing, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "missing": missing}  # no timestamp: an interrupted, resumed run ends byte-identical
     write_text_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=1))
     write_probes(plan)
     if prune:
@@ -415,13 +422,16 @@ def scan_with_report(cfg: DataConfig, state, progress: bool = True) -> Plan:
     from .plan import scan
     from .report import format_report
 
+    from wan_model.atomic import sweep_stale_temps, write_text_atomic
+
     media = Path(cfg.cache_dir) / "media"
     if state.is_main_process:
+        for folder in ("", "latents", "text", "media"):  # what killed runs left behind
+            sweep_stale_temps(Path(cfg.cache_dir).expanduser() / folder)
         plan = scan(cfg, known=read_probes(cfg.cache_dir), progress=progress, media_dir=media)
         report = format_report(plan)
         print(report, flush=True)
-        Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.cache_dir) / "report.txt").write_text(report + "\n")
+        write_text_atomic(Path(cfg.cache_dir) / "report.txt", report + "\n")
         write_probes(plan)
     state.wait_for_everyone()
     if not state.is_main_process:

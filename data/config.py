@@ -41,6 +41,9 @@ class SourceConfig:
         "help": "Manifest/hf column holding the caption; empty = the first of caption, prompt, text."})
     recursive: bool = field(default=False, metadata={
         "help": "Folder sources: also look in sub-folders."})
+    allow_outside: bool = field(default=False, metadata={
+        "help": "Manifest sources: follow rows whose path leaves the manifest's folder (absolute "
+                "or '..' paths). Off: such rows are reported and skipped."})
 
 
 @dataclass

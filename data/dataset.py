@@ -72,6 +72,13 @@ class CachedDataset(torch.utils.data.Dataset):
         if self.i2v:
             sample["clip_fea"] = tensors["clip_fea"].float()
             sample["y"] = tensors["y"].float()
+        for name in ("latents", "context", "clip_fea", "y"):
+            if name in sample and not torch.isfinite(sample[name]).all():  # would poison every weight
+                where = self.cache_dir / entry["text_file"] if name == "context" else path
+                raise StaleCacheError(f"{where}: the cached {name} hold NaN or inf values (a damaged "
+                                      "file, or an encoder that overflowed in float16): delete the file "
+                                      "and re-run tools/cache.py RECIPE (with data.vae_dtype=float32 "
+                                      "if it comes back)")
         if position is not None:
             sample["sampler_state"], sample["stream_index"] = position, stream_index
         return sample

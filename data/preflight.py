@@ -44,11 +44,15 @@ def data_problems(paths: ModelPaths, cfg: DataConfig, components=CACHE_COMPONENT
     """(whether the run is I2V, every problem found). `components` are the model parts the
     command loads; the CLIP tower only counts for I2V."""
     problems = []
-    model_i2v = paths.is_i2v()
+    try:
+        model_i2v, unknown = paths.is_i2v(), ""
+    except ValueError as e:  # model.transformer holds another component, or no Wan DiT
+        model_i2v, unknown = None, str(e)
+        problems.append(unknown)
     where = paths.transformer or paths.root
     if cfg.conditioning == "auto":
         i2v = bool(model_i2v)
-        if model_i2v is None:
+        if model_i2v is None and not unknown:
             problems.append(f"cannot tell whether {where} is a T2V or an I2V model (no config.json beside "
                             "the DiT): set data.conditioning=t2v or i2v, or model.flavour")
     else:

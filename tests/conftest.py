@@ -51,3 +51,39 @@ def hub(monkeypatch, tmp_path):
 
 
 HUB_TOKEN = "hf_TESTTOKENnotreal0123456789"
+
+
+@pytest.fixture
+def fault(monkeypatch):
+    """Arm WANTUNE_FAULT (see wan_model/faults.py) in this process: `fault("enospc:report:1")`."""
+    from wan_model import faults
+
+    def arm(spec: str):
+        monkeypatch.setenv("WANTUNE_FAULT", spec)
+        faults._state = None  # read again at the next point
+
+    yield arm
+    monkeypatch.delenv("WANTUNE_FAULT", raising=False)
+    faults._state = None
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """A 4-clip synthetic corpus (clips/) and a tiny random model (model/), made once."""
+    from train.demo import write_corpus
+    from wan_model.random_weights import write_random_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny_assets")
+    write_corpus(d / "clips", num_clips=4)
+    write_random_checkpoint(d / "model", "tiny-t2v", log=lambda *_: None)
+    return d
+
+
+@pytest.fixture(scope="session")
+def forkserver(tmp_path_factory):
+    """Runs train.py / tools/cache.py in forked children of one pre-imported process."""
+    from tests.forkserver import ForkServer
+
+    server = ForkServer(tmp_path_factory.mktemp("forkserver_logs"))
+    yield server
+    server.close()

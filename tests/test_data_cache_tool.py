@@ -87,10 +87,13 @@ def test_two_ranks_write_the_bytes_of_one_and_report_once(setup, tmp_path):
     tmp, recipe = setup
     tool = Path(cache_tool.__file__)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    from tests.runs import free_port
+
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(tool),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(tool),  # not 29500: another session may hold it
            str(recipe), f"data.cache_dir={tmp_path / 'two'}", "--no-progress"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)  # a hang guard
     assert done.returncode == 0, done.stderr[-3000:]
     # one voice: one report and one summary, which counts both ranks' work
     assert done.stdout.count("Dataset report") == 1 and done.stdout.count("captions encoded") == 1

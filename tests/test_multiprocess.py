@@ -9,7 +9,6 @@ changes the number of processes and keeps the global batch must give the same lo
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.runs import free_port
 from tests.test_train import losses, overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def launch(d: Path, out: str, procs: int, config: Path | None = None, machine: t
     if not wait:  # its own session, so that `finish` can stop the launcher and its workers
         return subprocess.Popen(cmd, cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
-    done = subprocess.run(cmd, cwd=d, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(cmd, cwd=d, capture_output=True, text=True, env=env, timeout=1800)  # a hang guard
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -171,16 +171,10 @@ def test_deepspeed_resume_keeps_the_ema(workdir):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_machines_on_one_host_train_like_two_processes(workdir, straight):
     port = free_port()
     machines = [launch(workdir, "machines", 2, machine=(m, port), wait=False) for m in (0, 1)]
-    outputs = finish(machines, timeout=600)
+    outputs = finish(machines, timeout=1800)
     assert [m.returncode for m in machines] == [0, 0], [e[-3000:] for _, e in outputs]
     assert sum(o.count("done: 4 steps") for o, _ in outputs) == 1  # the main process of machine 0
     ref_loss, ref_keys = straight
@@ -206,7 +200,7 @@ def test_a_failing_rank_stops_every_rank_and_shows_its_error(workdir, tmp_path):
     script = tmp_path / "fail_on_rank_1.py"
     script.write_text(FAIL_ON_RANK_1.format(root=str(ROOT), train=str(ROOT / "train.py")))
     run = launch(workdir, "failing", 2, script=script, wait=False)
-    [(out, err)] = finish([run], timeout=300)  # a rank left blocked in a collective would hang here
+    [(out, err)] = finish([run], timeout=900)  # a rank left blocked in a collective would hang here
     assert run.returncode != 0
     assert "error: training failed on rank 1 of 2: RuntimeError: injected failure on rank 1" in err
     assert "done:" not in out

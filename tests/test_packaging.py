@@ -35,7 +35,7 @@ def foreign_lines(output: str) -> list[str]:
 
 
 def run(cmd, **kw) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, **kw)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, **kw)
     assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-3000:])
     return r
 

@@ -82,7 +82,7 @@ def test_every_problem_is_reported_at_once(files, tmp_path):
 def test_train_stops_before_caching_with_one_message(files, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), DEMO,
                         *args(files, tmp_path, **{"data.conditioning": "i2v"})],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                       capture_output=True, text=True, cwd=tmp_path, timeout=1800,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "data.conditioning=i2v, but" in r.stderr

@@ -266,7 +266,7 @@ def test_train_py_with_host_and_streamed_text_and_host_and_tiled_previews(workdi
                  "validation.width": 320, "validation.height": 48, "validation.frames": 5,
                  "validation.steps": 2, "tracking.tensorboard": False, "export.formats": "[wantune]"}
         cmd = ["python3", str(ROOT / "train.py"), DEMO, *demo_overrides(workdir, "cache-train", **extra)]
-        done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600,
+        done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=1800,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert done.returncode == 0, done.stderr[-3000:]
         sheets = list((workdir / out / "samples" / "step-1").glob("*.png"))

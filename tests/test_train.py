@@ -37,7 +37,7 @@ def overrides(d: Path, out: str, **extra) -> list[str]:
 def run_train(d: Path, out: str, launcher=("python3",), **extra):
     cmd = [*launcher, str(ROOT / "train.py"), str(ROOT / "recipes" / "demo.yaml"), *overrides(d, out, **extra)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, cwd=d, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd, cwd=d, capture_output=True, text=True, env=env, timeout=1800)
 
 
 def losses(d: Path, out: str) -> dict[int, float]:

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 from data.cache import build_cache, model_encoders, scan_with_report  # noqa: E402
 from data.preflight import CACHE_COMPONENTS, data_problems, fetch_model, report  # noqa: E402
 from data.recipe import add_recipe_arguments, recipe_from_args  # noqa: E402
+from wan_model.atomic import WriteError  # noqa: E402
 from wan_model.quiet import quiet_third_party  # noqa: E402
 
 
@@ -56,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
             print("nothing usable to cache (see the report above)", file=sys.stderr)
         return 1
     encoders = model_encoders(recipe.model, cfg, i2v, state.device)
-    run = build_cache(plan, encoders, i2v, rank, world, progress=progress,
-                      barrier=state.wait_for_everyone)
+    try:
+        run = build_cache(plan, encoders, i2v, rank, world, progress=progress,
+                          barrier=state.wait_for_everyone)
+    except WriteError as e:  # a full disk or a read-only folder: every finished file is kept
+        print(f"error: {e}\nrun the same command again to continue where it stopped", file=sys.stderr)
+        return 1
     runs = gather_object([run]) if world > 1 else [run]  # every rank's counts, for one summary
     if state.is_main_process:
         print(summary(runs, i2v, cfg.cache_dir))

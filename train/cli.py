@@ -41,7 +41,10 @@ def main(argv=None) -> int:
                   "checkpoint.resume=latest", file=sys.stderr)
         return 130
     except Exception as e:  # a crash must never look like success; any rank's error is shown
-        traceback.print_exc()
+        from wan_model.atomic import WriteError
+
+        if not isinstance(e, WriteError):  # a full disk needs the message, not a traceback
+            traceback.print_exc()
         print(f"error: training failed{_on_rank()}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     if not result["main_process"]:  # one voice: the main process reports for every rank

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from data.dataset import BucketBatchSampler, CachedDataset, collate
-from wan_model import attention
+from wan_model import attention, faults
+from wan_model.atomic import write_text_atomic
 from wan_model.dit_io import load_transformer
 
 from . import adapters, checkpoint, export, reshard
@@ -147,6 +148,7 @@ def train(recipe: Recipe) -> dict:
     preflight(recipe, acc)  # downloads a repo id's files; every knowable problem, before any work
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.sweep(out_dir)  # what killed runs left behind
     acc.wait_for_everyone()
 
     scanned = scan_corpus(recipe, acc)
@@ -166,8 +168,10 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
     out_dir = Path(recipe.run.output_dir)
     recipe_yaml = to_yaml(recipe)  # with every planned lever written out
     if acc.is_main_process:
-        (out_dir / "recipe.yaml").write_text(recipe_yaml)
+        write_text_atomic(out_dir / "recipe.yaml", recipe_yaml)
+    faults.point("startup: run folder ready")
     settings, summary = prepare_cache(recipe, acc, scanned)
+    faults.point("startup: cache ready")
     dataset = CachedDataset(recipe.data.cache_dir, expected_settings=settings)
     sampler = BucketBatchSampler(dataset.buckets, recipe.data.batch_size, seed=recipe.data.seed,
                                  rank=acc.process_index, world=acc.num_processes, with_position=True)
@@ -210,10 +214,7 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
         sampler.load_state_dict(trainer["sampler"])
     elif resume_from is not None:
         state = checkpoint.load_checkpoint(resume_from)
-        missing = set(trained_tensors(acc.unwrap_model(model))) - set(state["trained"])
-        if missing:
-            raise ValueError(f"{resume_from}: the checkpoint lacks {len(missing)} trained tensors "
-                             f"(e.g. {sorted(missing)[:3]}); was it made with other lora/full settings?")
+        checkpoint.check_trained(state["trained"], trained_tensors(acc.unwrap_model(model)), resume_from)
         acc.unwrap_model(model).load_state_dict(state["trained"], strict=False)
         optimizer.load_state_dict(state["state"]["optimizer"])
         scheduler.load_state_dict(state["state"]["scheduler"])
@@ -225,6 +226,7 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
     if resume_from is not None:
         acc.print(f"resumed from {resume_from} at step {step}")
         acc.print(reshard.describe(resume_from, sampler, recipe, acc.num_processes))
+    faults.point("startup: model ready")
 
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=0, pin_memory=device.type == "cuda")
@@ -263,6 +265,7 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
             total += loss.detach() / recipe.train.grad_accum
         scheduler.step()
         step += 1
+        faults.point(f"step {step}: optimizer stepped")
         if ema is not None:
             ema.update(trained_tensors(acc.unwrap_model(model)))
         log_now = step % recipe.train.log_every == 0 or step == recipe.train.max_steps
@@ -277,8 +280,10 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
             trained_keys = []
         tracker.step(step, value, scheduler.get_last_lr()[0], log_now, extra)
         if step % recipe.checkpoint.every == 0 or step == recipe.train.max_steps:
+            t0 = time.perf_counter()
             _save(recipe, acc, model, optimizer, scheduler, ema, sampler_state, step, recipe_yaml,
                   dit_cfg, summary)
+            tracker.log_checkpoint(step, time.perf_counter() - t0, out_dir)
             tracker.reset_clock()
         if previews and recipe.validation.every and step % recipe.validation.every == 0:
             _preview(previews, tracker, step)
@@ -348,12 +353,14 @@ def _save(recipe, acc, model, optimizer, scheduler, ema, sampler_state, step, re
                                              ema=ema.state_dict() if ema else None)
     elif acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
-        path = checkpoint.save_checkpoint(
+        export_too = None
+        if recipe.export.every_checkpoint:  # inside the folder before it is complete
+            def export_too(folder):
+                _export(recipe, acc, model, ema, dit_cfg, step, summary, folder / "export")
+        checkpoint.save_checkpoint(
             recipe.run.output_dir, step, trained_tensors(unwrapped), optimizer, scheduler,
             sampler_state, recipe_yaml, ema=ema.state_dict() if ema else None,
-            keep_last=recipe.checkpoint.keep_last)
-        if recipe.export.every_checkpoint:
-            _export(recipe, acc, model, ema, dit_cfg, step, summary, path / "export")
+            keep_last=recipe.checkpoint.keep_last, write_more=export_too)
     acc.wait_for_everyone()
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import yaml
 
 from wan_model.hub import OFFICIAL_REPOS
 from wan_model.lora import FORMATS, inspect, read_lora, scrub_metadata, scrub_paths, write_lora
-from wan_model.loading import write_text_atomic
+from wan_model.atomic import copy_file_atomic, write_text_atomic
 
 HF_BASE_MODELS = OFFICIAL_REPOS  # key -> repo id
 CIVITAI_BASE_MODELS = {"t2v-1.3B": "Wan Video 1.3B t2v", "t2v-14B": "Wan Video 14B t2v",
@@ -240,8 +239,7 @@ def build_publish_folder(inp: PublishInputs, out: Path) -> Path:
     for p in inp.previews:
         if not p.exists():
             raise PublishError(f"preview {p} does not exist")
-        (out / "previews").mkdir(exist_ok=True)
-        shutil.copyfile(p, out / "previews" / p.name)
+        copy_file_atomic(p, out / "previews" / p.name)
         names.append(p.name)
     if inp.recipe is not None:
         recipe = redact(_load_recipe(inp.recipe))
@@ -260,7 +258,7 @@ def civitai_package(inp: PublishInputs, out: Path) -> Path:
                metadata=scrub_metadata(lora.metadata))
     images = []
     for p in inp.previews:
-        shutil.copyfile(p, out / "previews" / p.name)
+        copy_file_atomic(p, out / "previews" / p.name)
         images.append({"file": f"previews/{p.name}", "meta": {"prompt": inp.prompts.get(p.name, "")}})
     info = inspect(lora)
     fp = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(info["dtype"][0], info["dtype"][0])

@@ -120,11 +120,12 @@ class ModelPaths:
             return (config.get("model_type") == "i2v" or config.get("in_dim") == 36
                     or config.get("in_channels") == 36)
         where = Path(os.path.expanduser(self.transformer)) if self.transformer else None
-        if where is not None and where.suffix == ".safetensors" and where.is_file():
-            from safetensors import safe_open
+        if where is not None and where.exists():
+            from .dit_io import read_transformer_config
 
-            with safe_open(str(where), framework="pt") as f:
-                return any(".img_emb." in f".{k}" or "image_embedder" in k for k in f.keys())
+            # from the tensors' names and shapes (headers only); a file holding another
+            # component or no Wan DiT at all raises a WeightsError that says so
+            return read_transformer_config(where).is_i2v
         return None
 
     def missing_files(self, components=COMPONENTS) -> list[str]:
