@@ -250,7 +250,7 @@ def test_block_swap_and_offload_run_through_the_trainer(workdir):
     plain = run_train(workdir, "levers_plain", **sched)
     assert plain.returncode == 0, plain.stderr[-3000:]
     swapped = run_train(workdir, "levers_swap", **{**sched, "train.block_swap": 1,
-                                                   "train.checkpoint_offload": True})
+                                                   "train.checkpoint_offload": -1})
     assert swapped.returncode == 0, swapped.stderr[-3000:]
     a, b = losses(workdir, "levers_plain"), losses(workdir, "levers_swap")
     assert a == pytest.approx(b, rel=1e-6)

@@ -22,6 +22,8 @@ def preflight(recipe, acc) -> None:
         i2v, problems = data_problems(recipe.model, recipe.data, TRAIN_COMPONENTS)
     except ValueError as e:  # a repo id that cannot be fetched (wan_model.hub.HubError)
         raise RecipeError(str(e)) from None
+    if not problems:  # the files are there: the DiT's header says which model it is
+        problems += flavour_problems(recipe)
     problems += preview_problems(recipe.validation, i2v)
     problems += lora_target_problems(recipe, i2v)
     if problem := writable_problem(recipe.run.output_dir, "run.output_dir"):
@@ -32,6 +34,17 @@ def preflight(recipe, acc) -> None:
         problems.append(str(e))
     if problems:
         raise RecipeError(report(problems))
+
+
+def flavour_problems(recipe) -> list[str]:
+    """model.flavour against the DiT's own shapes (its header only: nothing is loaded)."""
+    from wan_model.dit_io import read_transformer_config
+
+    try:
+        read_transformer_config(recipe.model.resolve("transformer"), recipe.model.flavour or None)
+    except (ValueError, OSError) as e:  # WeightsError is a ValueError
+        return [str(e)]
+    return []
 
 
 def lora_target_problems(recipe, i2v: bool) -> list[str]:
