@@ -13,7 +13,7 @@ from data.dataset import BucketBatchSampler, CachedDataset, collate
 from wan_model import attention
 from wan_model.dit_io import load_transformer
 
-from . import adapters, checkpoint, export
+from . import adapters, checkpoint, export, parallel
 from .config import Recipe, to_yaml
 from .data_prep import prepare_cache
 from .objective import flow_loss, noisy_input, sample_sigmas
@@ -36,15 +36,19 @@ def make_accelerator(recipe: Recipe):
                        kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
 
 
-def step_generator(seed: int, step: int, micro: int, rank: int, device) -> tuple:
+def step_generator(seed: int, step: int, micro: int, rank: int, device, shard: int = 0) -> tuple:
     """Generators for one micro-batch, derived from (seed, step, micro, rank) alone: a resumed run
-    draws exactly the noise, timesteps and caption dropout an uninterrupted one would.
+    draws exactly the noise, timesteps and caption dropout an uninterrupted one would. `rank` is
+    the data-parallel rank: the ranks of a sequence-parallel group draw the same noise.
 
     The global generators (CPU and every GPU) are re-seeded from the same key, because LoRA dropout
     and compiled kernels draw from them: whatever else used them before this step (a data-loader
-    iterator made anew on resume, a preview, a checkpoint write) cannot shift the step's masks."""
+    iterator made anew on resume, a preview, a checkpoint write) cannot shift the step's masks.
+    `shard` (the rank within a sequence-parallel group) enters only this key, so the dropout masks
+    of a sample's token shards differ from one another."""
     s = (seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**63 - 1)
-    torch.manual_seed((s * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407) % (2**63 - 1))
+    g = (s * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407 + shard * 7_919) % (2**63 - 1)
+    torch.manual_seed(g)
     host = torch.Generator().manual_seed(s)
     dev = torch.Generator(device=device).manual_seed(s) if torch.device(device).type != "cpu" else host
     return host, dev
@@ -118,13 +122,15 @@ def train(recipe: Recipe) -> dict:
             prepare_demo(recipe.demo)
     acc.wait_for_everyone()
 
+    layout = parallel.make_layout(acc.process_index, acc.num_processes, recipe.train.sequence_parallel)
     settings, summary = prepare_cache(recipe, acc)
     dataset = CachedDataset(recipe.data.cache_dir, expected_settings=settings)
     sampler = BucketBatchSampler(dataset.buckets, recipe.data.batch_size, seed=recipe.data.seed,
-                                 rank=acc.process_index, world=acc.num_processes, with_position=True)
+                                 rank=layout.dp_rank, world=layout.dp_size, with_position=True)
 
     set_seed(recipe.run.seed)  # LoRA init and dropout draw from the global generators: seed them
     model, targets = build_model(recipe, device)  # here, after caching, which may draw or not
+    parallel.enable(model, layout)
     ema = (adapters.EMA(trained_tensors(model), recipe.full.ema_decay)
            if recipe.train.mode == "full" and recipe.full.ema else None)
     optimizer = build_optimizer(model.parameters(), recipe.train.optim, device.type)
@@ -188,7 +194,8 @@ def train(recipe: Recipe) -> dict:
                 batches = iter(loader)
                 batch = next(batches)
             sampler_state = batch.pop("sampler_state")
-            host_g, dev_g = step_generator(recipe.run.seed, step, micro, acc.process_index, device)
+            host_g, dev_g = step_generator(recipe.run.seed, step, micro, layout.dp_rank, device,
+                                           shard=layout.sp_rank)
             with acc.accumulate(model):
                 loss = compute_loss(model, batch, recipe, empty, host_g, dev_g, device)
                 acc.backward(loss)

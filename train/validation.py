@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from wan_model import sequence_parallel
 from wan_model.media import write_contact_sheet, write_video
 from wan_model.sampler import PromptSpec, WanSampler, load_prompts_file
 
@@ -71,7 +72,7 @@ class Previewer:
         if self.clip is not None:
             self.clip.to(self.acc.device)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), sequence_parallel.disabled(dit):  # previews run on this rank alone
                 for i, spec in enumerate(self.specs):
                     video = self.sampler.generate(
                         [spec.prompt], negative_prompt=self._negative(spec), image=spec.image,
