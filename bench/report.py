@@ -115,9 +115,13 @@ def table_rows(results: dict) -> list[list[str]]:
                          _f(r.get("peak_reserved_gib")), _f(r.get("tflops"), "{:.0f}"), _f(r.get("mfu"), "{:.0%}"),
                          _ratio(r), f"{r['steps']} steps timed; x50 = {r['est_50_steps_s']:.1f} s (extrapolated)"])
         else:
+            notes = r.get("settings_label", "")
+            if r.get("processes", 1) > 1:  # memory is the fullest GPU's, TFLOP/s per GPU
+                notes += (f"; {r['sample_s']:.3f} s/sample ({r['samples_per_step']} per step), "
+                          f"{r['tokens_per_gpu']:,} tokens and peak {_f(r.get('peak_allocated_gib'))} GiB per GPU")
             rows.append([name, r["what"], f"{r['step_s']:.3f}", _f(r.get("peak_allocated_gib")),
                          _f(r.get("peak_reserved_gib")), _f(r.get("tflops"), "{:.0f}"), _f(r.get("mfu"), "{:.0%}"),
-                         _ratio(r), r.get("settings_label", "")])
+                         _ratio(r), notes])
     return rows
 
 
@@ -150,7 +154,8 @@ def markdown_table(results: dict) -> str:
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in row) + " |")
     lines.append("")
     lines.append("`*` = ratio against a reference measured in a different run. Speed-ups are "
-                 "reference s/step over ours; VAE and sampler ratios likewise (higher is better).")
+                 "reference s/step over ours (s/sample where either runs on several GPUs); VAE and "
+                 "sampler ratios likewise (higher is better).")
     return "\n".join(lines)
 
 
