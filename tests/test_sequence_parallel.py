@@ -151,7 +151,9 @@ def workdir(tmp_path_factory):
 
 def test_trainer_two_ranks_one_sample_match_one_process(workdir, monkeypatch):
     """accelerate launch (gloo, 2 processes) with train.sequence_parallel=2 trains what one
-    process trains: 80x48x17 clips are 75 tokens (38 + 37 per rank), selective checkpointing."""
+    process trains: 80x48x17 clips are 75 tokens (38 + 37 per rank), selective checkpointing.
+    (The data-parallel composition, 4 ranks in 2 groups against DDP over 2, is the model test
+    above; through the trainer it matched too, but 4 processes on CI's 2 cores cost too much.)"""
     from safetensors.torch import load_file
 
     from tests.test_train import losses, run_train
@@ -165,8 +167,12 @@ def test_trainer_two_ranks_one_sample_match_one_process(workdir, monkeypatch):
              "train.gradient_checkpointing": True, "train.checkpoint_mode": "selective"}
     one = run_train(workdir, "one", **sched)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_train(workdir, "two", launcher=GLOO_2, **{**sched, "train.sequence_parallel": 2})
+    # a preview at the end: the main process renders with the model whole, the other rank waits
+    two = run_train(workdir, "two", launcher=GLOO_2, **{**sched, "train.sequence_parallel": 2,
+                                                        "validation.prompts": "[a red circle]",
+                                                        "validation.steps": 2, "validation.at_start": False})
     assert two.returncode == 0, two.stderr[-3000:]
+    assert len(list((workdir / "two" / "samples" / "step-2").glob("*.mp4"))) == 1
     a, b = losses(workdir, "one"), losses(workdir, "two")
     assert sorted(a) == sorted(b) == [1, 2]
     for step in a:
