@@ -3,6 +3,7 @@ gradients one process computes alone, on the tiny model, for every way the token
 (uneven token and head splits, checkpointing, block swap, I2V, batches); the trainer through
 `accelerate launch train.py` gives one process's losses and LoRA; the recipe checks name the fix.
 """
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,9 +33,9 @@ def test_layout_groups_consecutive_ranks_and_names_the_fixes():
     from train.config import RecipeError, load_recipe
     from train.parallel import check_heads, make_layout
 
-    lay = make_layout(5, 8, 4)  # ranks 4..7 share a sample: the second data-parallel stream
-    assert (lay.dp_rank, lay.dp_size, lay.sp_rank) == (1, 2, 1)
-    assert lay.groups() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    lays = [make_layout(r, 8, 4) for r in range(8)]  # ranks 4..7 share the second sample stream
+    assert [(x.dp_rank, x.sp_rank) for x in lays] == [(r // 4, r % 4) for r in range(8)]
+    assert {x.dp_size for x in lays} == {2} and lays[5].groups() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert [(make_layout(r, 4, 1).dp_rank, make_layout(r, 4, 1).dp_size) for r in range(4)] == [(r, 4) for r in range(4)]
     with pytest.raises(ValueError, match=r"sequence_parallel=2 .* this run has 3 .*--num_processes 2"):
         make_layout(0, 3, 2)
@@ -42,7 +43,10 @@ def test_layout_groups_consecutive_ranks_and_names_the_fixes():
         check_heads(16, 12, "t2v-1.3B")
     with pytest.warns(UserWarning, match=r"2 on some ranks, 1 on others"):
         check_heads(8, 12, "t2v-1.3B")
-    check_heads(8, 40, "t2v-14B")  # 5 heads each: silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_heads(8, 40, "t2v-14B")  # 5 heads each: silent
+        check_heads(2, 12, "t2v-1.3B")
     with pytest.raises(RecipeError, match=r"train.sequence_parallel=0: must be >= 1"):
         load_recipe(str(Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"), ["train.sequence_parallel=0"])
 
