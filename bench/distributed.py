@@ -88,7 +88,8 @@ def main(argv=None) -> int:
         torch.manual_seed(0)  # the same LoRA init on every rank
         model, params = prepare_model(build_direct(flavour_name(case, opts), dtype, device), s, device)
         enable(model, layout)
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None else None)
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=None if device.index is None else [device.index])
         batch = make_batch(cfg, w, h, f, device, seed=layout.dp_rank)  # one sample per group
         step = TrainStep(ddp, params, s, batch, device, seed=layout.dp_rank)
         reset_memory(device)

@@ -118,7 +118,8 @@ def table_rows(results: dict) -> list[list[str]]:
             notes = r.get("settings_label", "")
             if r.get("processes", 1) > 1:  # memory is the fullest GPU's, TFLOP/s per GPU
                 notes += (f"; {r['sample_s']:.3f} s/sample ({r['samples_per_step']} per step), "
-                          f"{r['tokens_per_gpu']:,} tokens and peak {_f(r.get('peak_allocated_gib'))} GiB per GPU")
+                          f"{r['tokens_per_gpu']:,} tokens and peak {_f(r.get('peak_allocated_gib'))} "
+                          "GiB per GPU")
             rows.append([name, r["what"], f"{r['step_s']:.3f}", _f(r.get("peak_allocated_gib")),
                          _f(r.get("peak_reserved_gib")), _f(r.get("tflops"), "{:.0f}"), _f(r.get("mfu"), "{:.0%}"),
                          _ratio(r), notes])

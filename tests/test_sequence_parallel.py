@@ -36,7 +36,8 @@ def test_layout_groups_consecutive_ranks_and_names_the_fixes():
     lays = [make_layout(r, 8, 4) for r in range(8)]  # ranks 4..7 share the second sample stream
     assert [(x.dp_rank, x.sp_rank) for x in lays] == [(r // 4, r % 4) for r in range(8)]
     assert {x.dp_size for x in lays} == {2} and lays[5].groups() == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert [(make_layout(r, 4, 1).dp_rank, make_layout(r, 4, 1).dp_size) for r in range(4)] == [(r, 4) for r in range(4)]
+    plain = [make_layout(r, 4, 1) for r in range(4)]  # no sequence parallel: each rank its own stream
+    assert [(x.dp_rank, x.dp_size) for x in plain] == [(0, 4), (1, 4), (2, 4), (3, 4)]
     with pytest.raises(ValueError, match=r"sequence_parallel=2 .* this run has 3 .*--num_processes 2"):
         make_layout(0, 3, 2)
     with pytest.raises(ValueError, match=r"has 12 attention heads.*\[1, 2, 3, 4, 6, 12\]"):
