@@ -10,6 +10,8 @@ from bench.steps import StepSettings, with_changes
 # checkpointing (no attention recompute), compiled blocks, fused AdamW, bf16 base.
 FAST = StepSettings(mode="lora", attention="cudnn", checkpointing="selective", compile=True)
 FAST_EAGER = with_changes(FAST, compile=False)
+# The memory tiers: the trainer's planner picks every memory lever for the case's cap.
+PLANNED = with_changes(FAST, planned=True)
 SIZE_81 = (832, 480, 81)
 SIZE_33 = (512, 320, 33)
 SIZE_720 = (1280, 720, 81)  # 75,600 tokens: the 14B and I2V-14B-720P training size
@@ -30,6 +32,7 @@ class Case:
     ref_attention: str = "sdpa"  # the reference's kernel order: torch's own, or e.g. "cudnn" first
     reference: str | None = None  # the case this one is compared with
     clips: int = 40  # cache: clips in the written corpus
+    data: tuple = ()  # cache: recipe overrides of the data section ("data.key=value")
     preview: tuple = (832, 480, 33, 30)  # previews: width, height, frames, sampling steps
     fused_vae: bool = True  # vae-ours: norm+SiLU compiled (as data/cache.py runs it on a GPU)
     vae_chunk: int = 1  # vae-ours: latent frames per causal chunk (WanVAE.set_chunks)
@@ -43,8 +46,6 @@ def all_cases() -> list[Case]:
     # 14B: inputs of 40 checkpointed blocks (float32 residual, 27 GB) + bf16 weights (29 GB) leave
     # room to keep the self-attention outputs (0.34 GB each) of only some blocks on 80 GB.
     lora14 = with_changes(FAST, selective_blocks=8)
-    capped = StepSettings(mode="lora", attention="cudnn", checkpointing="offload", base_dtype="fp8",
-                          block_swap=34)
     cases = [
         Case("matmul", "matmul", "bf16 8192^3 matmul", estimate_s=5),
         Case("lora-1.3B-81", "ours", "1.3B LoRA r32 832x480x81", settings=[
@@ -68,9 +69,7 @@ def all_cases() -> list[Case]:
         Case("lora-14B-81", "ours", "14B LoRA r32 832x480x81", flavour="t2v-14B", settings=[
             lora14, with_changes(lora14, compile=False), with_changes(FAST_EAGER, checkpointing="full")],
             reference="ref-lora-14B-81", estimate_s=170),
-        Case("lora-14B-81-24G", "ours", "14B LoRA r32 832x480x81 under a 24 GiB cap",
-             flavour="t2v-14B", cap_gib=24.0, settings=[capped, with_changes(capped, block_swap=40)],
-             reference="ref-lora-14B-81", estimate_s=80),
+        *tier_cases(),
         Case("full-1.3B-81", "ours", "1.3B full fine-tune 832x480x81", settings=[
             StepSettings(mode="full", attention="cudnn", checkpointing="selective"),
             StepSettings(mode="full", attention="cudnn", checkpointing="full")], estimate_s=45),
@@ -81,6 +80,10 @@ def all_cases() -> list[Case]:
         *[Case(f"vae-ours-chunk{n}", "vae-ours", f"our VAE encode bf16, {n} latent frames per chunk",
                reference="vae-diffusers", vae_chunk=n, estimate_s=15, default=False) for n in (2, 5, 10, 20)],
         Case("cache-stage", "cache", "caching stage: 40 clips, decode + T5 + VAE, 832x480x81",
+             reference="vae-diffusers", estimate_s=200),
+        Case("cache-8G", "cache", "caching stage under an 8 GiB cap: T5 streamed block by block, "
+             "VAE tiled, 40 clips 832x480x81", cap_gib=8.0,
+             data=("data.text_encoder_device=stream", "data.low_memory=true"),
              reference="vae-diffusers", estimate_s=200),
         Case("train-previews", "previews", "1.3B LoRA training, previews 832x480x33 30 steps CFG",
              estimate_s=200),
@@ -117,6 +120,17 @@ def sequence_parallel_cases() -> list[Case]:
              processes=2, sequence_parallel=2, settings=[FAST_EAGER], reference="ddp2-lora-1.3B-81",
              estimate_s=60, default=False),
     ]
+
+
+def tier_cases() -> list[Case]:
+    """What each card size runs, as the planner sets it up: 832x480x81, rank 32, under a cap."""
+    tiers = [("lora-1.3B-81-8G", "t2v-1.3B", 8, 50), ("lora-1.3B-81-12G", "t2v-1.3B", 12, 45),
+             ("lora-1.3B-81-16G", "t2v-1.3B", 16, 45), ("lora-14B-81-24G", "t2v-14B", 24, 90),
+             ("lora-14B-81-16G", "t2v-14B", 16, 90), ("i2v-14B-81-24G", "i2v-14B", 24, 90)]
+    return [Case(name, "ours", f"{flavour.split('-', 1)[1]} {'I2V ' if 'i2v' in flavour else ''}LoRA r32 "
+                 f"832x480x81 within {cap} GiB (planned)", flavour=flavour, cap_gib=float(cap),
+                 settings=[PLANNED],
+                 estimate_s=est) for name, flavour, cap, est in tiers]
 
 
 def lever_cases() -> list[Case]:

@@ -3,9 +3,9 @@
 `run_distributed(case, ...)` (in the tools/bench.py process) starts `case.processes` ranks with
 torchrun, each running `python -m bench.distributed` (this file's `main`). Every rank builds the
 same random model on its own device (weights drawn there, no files: two ranks must not write one
-checkpoint), the step of bench/steps.py with the case's settings, the trainer's layout
-(train.parallel: groups of `case.sequence_parallel` ranks share a sample, with the same batch
-and noise) and DDP for the gradient all-reduce, as accelerate wraps it in the trainer. Rank 0
+checkpoint), the step of bench/steps.py (the model from the trainer's builder) with the case's
+settings, the trainer's layout (train.parallel: groups of `case.sequence_parallel` ranks share a
+sample, with the same batch and noise) and DDP for the gradient all-reduce, as accelerate wraps it in the trainer. Rank 0
 writes the result: the step time, seconds per *sample* (a step trains one sample per group), and
 the peak memory of every rank. NCCL on GPUs, gloo on the CPU (`--tiny` tests the path).
 """
@@ -49,12 +49,12 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from bench.cases import all_cases
-    from bench.flops import forward_flops, step_flops
     from bench.run import Options, build_direct, flavour_name, resolve_settings, size_of
-    from bench.steps import StepSettings, TrainStep, make_batch, prepare_model
+    from bench.steps import StepSettings, build_step, make_batch
     from bench.timing import peak_memory, reset_memory, time_steps
     from train.parallel import enable, make_layout
     from wan_model.configs import get_flavour
+    from wan_model.flops import forward_flops, step_flops
 
     p = argparse.ArgumentParser(description="one rank of a distributed bench case (see run_distributed)")
     p.add_argument("--case", required=True)
@@ -84,14 +84,14 @@ def main(argv=None) -> int:
         cfg = get_flavour(flavour_name(case, opts)).dit
         w, h, f = size_of(case, opts)
         layout = make_layout(rank, world, case.sequence_parallel)
-        dtype = torch.float32 if s.mode == "full" else torch.bfloat16
-        torch.manual_seed(0)  # the same LoRA init on every rank
-        model, params = prepare_model(build_direct(flavour_name(case, opts), dtype, device), s, device)
-        enable(model, layout)
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=None if device.index is None else [device.index])
         batch = make_batch(cfg, w, h, f, device, seed=layout.dp_rank)  # one sample per group
-        step = TrainStep(ddp, params, s, batch, device, seed=layout.dp_rank)
+        torch.manual_seed(0)  # the same LoRA init on every rank
+        step = build_step(lambda dtype, where: build_direct(flavour_name(case, opts), dtype, where),
+                          s, batch, device, cfg, seed=layout.dp_rank, log=lambda *a: None)
+        params = step.params
+        enable(step.model, layout)
+        step.model = torch.nn.parallel.DistributedDataParallel(  # the trainer's gradient all-reduce
+            step.model, device_ids=None if device.index is None else [device.index])
         reset_memory(device)
         timing = time_steps(step, device, warmup=2 if s.compile else 1, max_steps=args.max_steps,
                             max_seconds=args.step_seconds)

@@ -3,6 +3,9 @@
 #   bash bench/gpu_run.sh tests            # the GPU tests
 #   bash bench/gpu_run.sh bench [args...]  # tools/bench.py (args passed through)
 #   bash bench/gpu_run.sh all [args...]    # both
+#   bash bench/gpu_run.sh multi [parts...] # bench/multi.py: several GPUs through accelerate launch
+#                                          # (default parts: cache ddp zero2 zero2-reshard; then
+#                                          # `multi zero3`, `multi zero3-save zero3-reshard`: its docstring)
 #   bash bench/gpu_run.sh seqpar [args...] # 2 GPUs: sequence parallel vs 1 GPU (14B 720p) and vs DDP (~9 min)
 #   bash bench/gpu_run.sh seqpar-tests     # 2 GPUs: sequence parallel equals one GPU (real sizes, trainer)
 # Installs the wheels carried in .whl/ (see the device notes in bench/NOTES.md), then writes logs,
@@ -23,7 +26,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 what=${1:-all}; shift || true
 rc=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -q -m gpu tests/test_gpu_fastpath.py tests/test_vae.py tests/test_sequence_parallel_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
+  python3 -m pytest -q -s -m gpu ${GPU_TESTS:-tests/test_gpu_memory.py tests/test_gpu_fastpath.py tests/test_vae.py tests/test_small_cards_gpu.py tests/test_sequence_parallel_gpu.py} 2>&1 | tee "$OUT/gpu_tests.log"
   rc=${PIPESTATUS[0]}
 fi
 if [ "$what" = seqpar-tests ]; then
@@ -37,6 +40,11 @@ if [ "$what" = seqpar ]; then  # weights drawn on each GPU: no 28 GB checkpoint 
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 tools/bench.py --results-dir "$OUT/results" --benchmarks-md "$OUT/BENCHMARKS.md" "$@" 2>&1 | tee "$OUT/bench.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [ "$what" = multi ]; then
+  # big files (random models, corpus, caches, checkpoints) stay outside $OUT, which is copied back
+  python3 -m bench.multi --results-dir "$OUT/results" --benchmarks-md "$OUT/BENCHMARKS.md" "$@" 2>&1 | tee -a "$OUT/multi.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 exit $rc

@@ -13,7 +13,7 @@ import torch
 
 from bench.cases import Case
 from bench.run import flavour_name, model_dir, size_of
-from bench.timing import peak_memory, reset_memory
+from bench.timing import peak_memory, reset_memory, set_memory_cap
 
 FPS = 16
 
@@ -21,25 +21,37 @@ FPS = 16
 # ---- a corpus of distinct clips ------------------------------------------------------------
 
 def _write_clip(job) -> None:
-    """A drifting random texture with a moving square (distinct content per seed), H.264."""
-    import av
-
+    """A drifting random texture with a moving square (distinct content per seed): H.264 through
+    PyAV, or MPEG-4 through OpenCV where PyAV is missing (the GPU image has OpenCV only)."""
     path, seed, (w, h), frames = job
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 255, size=(h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
     texture = np.repeat(np.repeat(coarse, 16, axis=0), 16, axis=1)[:h, :w]
+    images = []
+    for i in range(frames):
+        img = np.roll(texture, shift=(i * 2, i * 3), axis=(0, 1)).copy()
+        x, y = (37 * seed + 9 * i) % (w - 48), (23 * seed + 5 * i) % (h - 48)
+        img[y:y + 48, x:x + 48] = 255
+        images.append(img)
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.mp4")
-    with av.open(str(tmp), "w") as out:
-        stream = out.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for i in range(frames):
-            img = np.roll(texture, shift=(i * 2, i * 3), axis=(0, 1)).copy()
-            x, y = (37 * seed + 9 * i) % (w - 48), (23 * seed + 5 * i) % (h - 48)
-            img[y:y + 48, x:x + 48] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+    try:
+        import av
+    except ImportError:
+        import cv2
+
+        out = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (w, h))
+        for img in images:
+            out.write(np.ascontiguousarray(img[:, :, ::-1]))  # OpenCV takes BGR
+        out.release()
+    else:
+        with av.open(str(tmp), "w") as out:
+            stream = out.add_stream("libx264", rate=FPS)
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            for img in images:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    out.mux(packet)
+            for packet in stream.encode():
                 out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
     tmp.replace(path)
 
 
@@ -98,13 +110,21 @@ def run_cache_stage(case: Case, opts) -> dict:
     t0 = time.perf_counter()
     corpus = write_corpus(base / f"corpus-{w}x{h}x{f}", n, (w, h), f + 4)
     opts.log(f"  corpus of {n} clips ready in {time.perf_counter() - t0:.0f} s")
-    cfg = _recipe(case, opts, root, corpus, []).data
+    # a case with its own data settings caches beside the shared cache, which training reuses
+    own = [f"data.cache_dir={_pipeline_dir(opts) / f'cache-{w}x{h}x{f}-{case.name}'}"] if case.data else []
+    cfg = _recipe(case, opts, root, corpus, [*case.data, *own]).data
     shutil.rmtree(cfg.cache_dir, ignore_errors=True)
     marks: dict[str, float] = {}
     item_times: list[float] = []
+    stage_peaks: dict[str, float | None] = {}
 
     def timed(name, load):
         def wrapped():
+            if name == "vae" and opts.device.type == "cuda":  # the text stage ends here
+                mem = peak_memory(opts.device)
+                stage_peaks.update(text_peak_allocated_gib=mem["peak_allocated_gib"],
+                                   text_peak_reserved_gib=mem["peak_reserved_gib"])
+                torch.cuda.reset_peak_memory_stats(opts.device)
             marks[f"{name}_load_start"] = time.perf_counter()
             model = load()
             if opts.device.type == "cuda":
@@ -119,6 +139,8 @@ def run_cache_stage(case: Case, opts) -> dict:
         item_times.append(time.perf_counter())
 
     reset_memory(opts.device)
+    if case.cap_gib:  # as on a card of that size (tools/bench.py lifts it after the case)
+        set_memory_cap(opts.device, case.cap_gib)
     start = time.perf_counter()
     plan = scan(cfg, progress=False)
     scanned = time.perf_counter()
@@ -126,6 +148,11 @@ def run_cache_stage(case: Case, opts) -> dict:
     enc.load_text, enc.load_vae = timed("text", enc.load_text), timed("vae", enc.load_vae)
     run = build_cache(plan, enc, False, progress=False, on_item=on_item)
     end = time.perf_counter()
+    mem = peak_memory(opts.device)  # since the VAE stage began (or the whole run, without a text stage)
+    if stage_peaks:
+        stage_peaks.update(vae_peak_allocated_gib=mem["peak_allocated_gib"],
+                           vae_peak_reserved_gib=mem["peak_reserved_gib"])
+        mem = {k: max(mem[k], stage_peaks[f"text_{k}"]) for k in mem}
     if run.failures or run.items_encoded != n:
         raise RuntimeError(f"caching encoded {run.items_encoded} of {n} clips: {run.failures[:3]}")
     text_s = marks["vae_load_start"] - marks["text_loaded"]  # captions encoded + written + freed
@@ -139,7 +166,14 @@ def run_cache_stage(case: Case, opts) -> dict:
             "first_clips_s": item_times[warm - 1] - marks["vae_loaded"], "warm_clips": warm,
             "end_to_end_s": end - start, "end_to_end_clips_per_min": 60 * n / (end - start),
             "num_workers": cfg.num_workers, "vae_compile": cfg.vae_compile, "low_memory": cfg.low_memory,
-            **peak_memory(opts.device)}
+            "text_encoder_device": cfg.text_encoder_device, **mem, **stage_peaks, **_cap(case, opts, mem)}
+
+
+def _cap(case: Case, opts, mem: dict) -> dict:
+    """The cap a case ran under, and plainly whether its peak stayed below it."""
+    if not case.cap_gib or opts.device.type != "cuda":
+        return {}
+    return {"cap_gib": case.cap_gib, "cap_respected": mem["peak_reserved_gib"] <= case.cap_gib}
 
 
 # ---- training with previews ------------------------------------------------------------------

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from wan_model.atomic import write_text_atomic
+
 BEGIN = "<!-- bench:table:begin -->"
 END = "<!-- bench:table:end -->"
 
@@ -69,10 +71,7 @@ def slug(text: str) -> str:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _f(v, fmt="{:.2f}") -> str:
@@ -99,7 +98,8 @@ def table_rows(results: dict) -> list[list[str]]:
                          _f(r.get("peak_reserved_gib")), "", "", _ratio(r),
                          f"{r['clips_per_min']:.1f} clips/min steady (VAE+decode {r['vae_clip_s']:.2f} s, "
                          f"T5 {r['text_per_clip_s']:.3f} s per clip); {r['clips']} clips end to end "
-                         f"{r['end_to_end_s']:.0f} s incl. loads = {r['end_to_end_clips_per_min']:.1f}/min"])
+                         f"{r['end_to_end_s']:.0f} s incl. loads = {r['end_to_end_clips_per_min']:.1f}/min"
+                         + _stage_peaks(r)])
         elif kind == "previews":
             p = r["preview"]
             rows.append([name, r["what"], f"{r['render_s']:.2f} s/render", _f(r.get("peak_allocated_gib")),
@@ -115,15 +115,30 @@ def table_rows(results: dict) -> list[list[str]]:
                          _f(r.get("peak_reserved_gib")), _f(r.get("tflops"), "{:.0f}"), _f(r.get("mfu"), "{:.0%}"),
                          _ratio(r), f"{r['steps']} steps timed; x50 = {r['est_50_steps_s']:.1f} s (extrapolated)"])
         else:
-            notes = r.get("settings_label", "")
+            note = r.get("settings_label", "")
+            if r.get("settings", {}).get("planned"):
+                note += f"; plan: {r.get('plan_text')}"
+            if r.get("prediction_error") is not None:
+                note += f"; predicted peak {r['predicted_gib']:.2f} GiB ({r['prediction_error']:+.1%})"
             if r.get("processes", 1) > 1:  # memory is the fullest GPU's, TFLOP/s per GPU
-                notes += (f"; {r['sample_s']:.3f} s/sample ({r['samples_per_step']} per step), "
-                          f"{r['tokens_per_gpu']:,} tokens and peak {_f(r.get('peak_allocated_gib'))} "
-                          "GiB per GPU")
+                note += (f"; {r['sample_s']:.3f} s/sample ({r['samples_per_step']} per step), "
+                         f"{r['tokens_per_gpu']:,} tokens and peak {_f(r.get('peak_allocated_gib'))} "
+                         "GiB per GPU")
             rows.append([name, r["what"], f"{r['step_s']:.3f}", _f(r.get("peak_allocated_gib")),
                          _f(r.get("peak_reserved_gib")), _f(r.get("tflops"), "{:.0f}"), _f(r.get("mfu"), "{:.0%}"),
-                         _ratio(r), notes])
+                         _ratio(r), note])
     return rows
+
+
+def _stage_peaks(r: dict) -> str:
+    """Caching: each stage's peak (allocated GiB), the placement, and the cap if there was one."""
+    if r.get("text_peak_allocated_gib") is None:
+        return ""
+    text = (f"; peaks T5 ({r.get('text_encoder_device', 'device')}) {r['text_peak_allocated_gib']:.1f}, "
+            f"VAE{' tiled' if r.get('low_memory') else ''} {r['vae_peak_allocated_gib']:.1f} GiB")
+    if r.get("cap_gib"):
+        text += f"; cap {r['cap_gib']:.0f} GiB {'respected' if r.get('cap_respected') else 'EXCEEDED'}"
+    return text
 
 
 def _ratio(r: dict) -> str:
@@ -180,6 +195,4 @@ def update_benchmarks_md(path: Path, results: dict) -> None:
     else:
         text = ("# Benchmarks\n\nWritten by `python tools/bench.py` (see bench/NOTES.md for the FLOP "
                 "convention, the levers and the floor analysis).\n\n" + section + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from bench.cases import TINY_SIZE, Case
-from bench.flops import forward_flops, sampling_flops, step_flops
+from wan_model.flops import forward_flops, sampling_flops, step_flops
 from bench.steps import StepSettings, build_step, make_batch, set_attention
 from bench.timing import matmul_rate, peak_memory, reset_memory, set_memory_cap, sync, time_call, time_steps
 from wan_model.configs import get_flavour
@@ -73,24 +73,29 @@ def dit_loader(opts: Options, flavour: str):
 
 
 def build_direct(flavour: str, dtype, device):
-    """A random WanModel of a flavour drawn on `device` (no file)."""
-    return build_random_dit(get_flavour(flavour).dit, dtype, device)
+    """A random WanModel of a flavour on `device` (no file), drawn on the GPU when there is one."""
+    draw = "cuda" if torch.cuda.is_available() else "cpu"
+    return build_random_dit(get_flavour(flavour).dit, dtype, device, draw_device=draw)
 
 
-def build_random_dit(cfg, dtype, device, seed: int = 0):
-    """A random WanModel drawn tensor by tensor on `device` with the values scheme of the
-    checkpoint writer; float32 islands stay float32, as `load_transformer` leaves them."""
+def build_random_dit(cfg, dtype, device, seed: int = 0, draw_device=None):
+    """A random WanModel drawn tensor by tensor on `draw_device` (default `device`) with the
+    values scheme of the checkpoint writer, each tensor then placed on `device` (so a model bound
+    for the host under a device memory cap never has more than one tensor on the device); float32
+    islands stay float32, as `load_transformer` leaves them."""
     from wan_model.loading import _set_tensor
     from wan_model.random_weights import init_value
     from wan_model.transformer import WanModel, keep_fp32
 
+    draw_device = draw_device or device
     with torch.device("meta"):
         model = WanModel(cfg)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=draw_device).manual_seed(seed)
     params = dict(model.named_parameters())
     for name, t in list(model.state_dict(keep_vars=True).items()):
         dt = torch.float32 if keep_fp32(name) else dtype
-        _set_tensor(model, name, init_value(name, tuple(t.shape), dt, device, gen), name in params)
+        value = init_value(name, tuple(t.shape), dt, draw_device, gen).to(device)
+        _set_tensor(model, name, value, name in params)
     return model.eval().requires_grad_(False)
 
 
@@ -133,7 +138,7 @@ def run_ours(case: Case, opts: Options, settings: StepSettings, budget_s: float)
         reset_memory(opts.device)
         set_memory_cap(opts.device, case.cap_gib)
     batch = make_batch(cfg, w, h, f, opts.device)
-    step = build_step(load, s, batch, opts.device)
+    step = build_step(load, s, batch, opts.device, cfg, cap_gib=case.cap_gib, log=opts.log)
     setup_s = time.perf_counter() - t0
     if not case.cap_gib:
         reset_memory(opts.device)
@@ -145,16 +150,27 @@ def run_ours(case: Case, opts: Options, settings: StepSettings, budget_s: float)
     model_f, hw_f = step_flops(fwd, s.mode, s.checkpointing)
     swap = getattr(step.model, "block_swap", None)
     out = {"kind": "train", "settings": s.to_dict(), "settings_label": s.label(), "setup_s": setup_s,
-           **timing, **mem, "sample_s": timing["step_s"] / batch.latents.shape[0], "tokens": fwd.tokens, "model_tflop": model_f / 1e12,
+           **timing, **mem, "sample_s": timing["step_s"] / batch.latents.shape[0], "tokens": fwd.tokens,
+           "model_tflop": model_f / 1e12,
            "hardware_tflop": hw_f / 1e12, "tflops": model_f / timing["step_s"] / 1e12,
            "hardware_tflops": hw_f / timing["step_s"] / 1e12,
            "trained_params": sum(p.numel() for p in step.params)}
-    if case.cap_gib and opts.device.type == "cuda":
+    if case.cap_gib:
         out["cap_gib"] = case.cap_gib
+    if case.cap_gib and opts.device.type == "cuda":
         # the cap is enforced by the allocator; say plainly whether the run stayed under it
         out["cap_respected"] = mem["peak_reserved_gib"] <= case.cap_gib
     if swap is not None:
         out["block_swap_host_gib"] = swap.host_bytes() / 2**30
+    t = step.recipe.train
+    out["plan"] = {k: getattr(t, k) for k in ("gradient_checkpointing", "checkpoint_mode", "selective_blocks",
+                                               "checkpoint_offload", "block_swap", "base_dtype")}
+    if step.estimate is not None:
+        out["plan_text"] = step.estimate.plan.describe(cfg.num_layers)
+        out["predicted_gib"] = step.estimate.device / 2**30
+        out["predicted_host_gib"] = step.estimate.host / 2**30
+        if mem["peak_allocated_gib"]:
+            out["prediction_error"] = out["predicted_gib"] / mem["peak_allocated_gib"] - 1
     return out
 
 

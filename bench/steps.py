@@ -3,8 +3,11 @@
 Levers (`StepSettings`): attention kernel, activation checkpointing (none / full / selective,
 which keeps the self-attention outputs so backward does not recompute attention / offload,
 which keeps checkpointed block inputs in host memory), frozen base dtype (bf16 / fp8), block
-swap, torch.compile of the blocks, fused AdamW. The step keeps the loss on the device and
-never reads a device value on the host, so consecutive steps queue without gaps.
+swap, torch.compile of the blocks, fused AdamW; or `planned`, which leaves the memory levers
+to the trainer's memory planner under the case's memory cap. The model is built by the
+trainer's own builder (`train.loop.build_model`) from a recipe made of these settings, so a
+case can never time a configuration the trainer cannot run. The step keeps the loss on the
+device and never reads a device value on the host, so consecutive steps queue without gaps.
 """
 from __future__ import annotations
 
@@ -12,9 +15,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from train.adapters import add_lora, select_full
-from train.config import FullConfig, LoraConfig
+from train.config import Recipe
+from train.loop import build_model
+from train.memory import apply_plan, default_plan, plan_recipe, planner_for
 from train.objective import flow_loss, noisy_input
+from train.optim import build_optimizer
 from wan_model import attention
 from wan_model.transformer import WanModel
 
@@ -38,15 +43,20 @@ class StepSettings:
     lora_rank: int = 32
     lr: float = 1e-4
     targets: list = field(default_factory=lambda: list(REFERENCE_TARGETS))
+    planned: bool = False  # the memory planner picks checkpointing/offload/swap/base dtype
 
     def label(self) -> str:
-        parts = [self.mode, f"attn={self.attention}", f"ckpt={self.checkpointing}"]
-        if self.checkpointing == "selective" and self.selective_blocks >= 0:
-            parts[-1] += f"[{self.selective_blocks}]"
-        if self.mode == "lora":
-            parts.append(f"base={self.base_dtype}")
-        if self.block_swap:
-            parts.append(f"swap={self.block_swap}")
+        parts = [self.mode, f"attn={self.attention}"]
+        if self.planned:
+            parts.append("memory=planned")
+        else:
+            parts.append(f"ckpt={self.checkpointing}")
+            if self.checkpointing == "selective" and self.selective_blocks >= 0:
+                parts[-1] += f"[{self.selective_blocks}]"
+            if self.mode == "lora":
+                parts.append(f"base={self.base_dtype}")
+            if self.block_swap:
+                parts.append(f"swap={self.block_swap}")
         parts.append("compile" if self.compile else "eager")
         parts.append("fused-adamw" if self.fused_adamw else "adamw")
         return " ".join(parts)
@@ -59,83 +69,84 @@ def with_changes(s: StepSettings, **kw) -> StepSettings:
     return replace(s, **kw)
 
 
-# ---- attention and checkpointing: the model's own switches ----------------------------------
-
-def set_attention(name: str, compiled: bool = False) -> None:
+def set_attention(name: str) -> None:
     """The project's entry point: puts the kernel first in torch's SDPA order process-wide (so
     compiled blocks trace plain SDPA calls). "sdpa" restores torch's own order."""
     attention.set_backend(name)
 
 
-def install_block_runner(model: WanModel, checkpointing: str, compile_blocks: bool,
-                         selective_blocks: int = -1) -> None:
-    """Set the model's checkpointing switches (the checkpoint sits inside each block's forward,
-    so a compiled block compiles its checkpoint too) and compile the blocks if asked."""
-    if checkpointing not in CHECKPOINTING:
-        raise ValueError(f"checkpointing {checkpointing!r}: one of {CHECKPOINTING}")
-    model.gradient_checkpointing = checkpointing != "none"
-    model.checkpoint_mode = "selective" if checkpointing == "selective" else "full"
-    model.selective_blocks = selective_blocks
-    model.checkpoint_offload = checkpointing == "offload"
-    if compile_blocks:
-        model.compile_blocks()
+def to_recipe(s: StepSettings) -> Recipe:
+    """The training recipe these settings stand for (memory levers null when planned)."""
+    if s.checkpointing not in CHECKPOINTING:
+        raise ValueError(f"checkpointing {s.checkpointing!r}: one of {CHECKPOINTING}")
+    r = Recipe()
+    t = r.train
+    t.mode, t.attention_backend, t.compile = s.mode, s.attention, s.compile
+    t.optim.lr, t.optim.weight_decay = s.lr, 0.01
+    r.lora.rank, r.lora.alpha, r.lora.targets = s.lora_rank, float(s.lora_rank), list(s.targets)
+    if s.planned:
+        return r
+    t.memory = "off"
+    t.gradient_checkpointing = s.checkpointing != "none"
+    t.checkpoint_mode = "selective" if s.checkpointing == "selective" else "full"
+    t.selective_blocks = s.selective_blocks
+    t.checkpoint_offload = -1 if s.checkpointing == "offload" else 0
+    t.block_swap = s.block_swap
+    t.base_dtype = s.base_dtype if s.mode == "lora" else "fp32"
+    return r
 
 
-# ---- model + optimizer ----------------------------------------------------------------------
-
-def prepare_model(model: WanModel, s: StepSettings, device) -> tuple[WanModel, list]:
-    """Apply the levers to a loaded model; returns (model, trained parameters)."""
-    device = torch.device(device)
-    if s.base_dtype == "fp8":
-        if s.mode != "lora":
-            raise ValueError("base_dtype fp8 is for LoRA only")
-        from wan_model.fp8 import quantize_linears_
-
-        quantize_linears_(model, work_device=device)
-    if s.mode == "lora":
-        model.requires_grad_(False)
-        add_lora(model, LoraConfig(rank=s.lora_rank, alpha=float(s.lora_rank), targets=list(s.targets)))
-    else:
-        select_full(model, FullConfig())
-    if s.block_swap:
-        from wan_model.block_swap import enable_block_swap
-
-        enable_block_swap(model, s.block_swap, device)
-    else:
-        model.to(device)
-    set_attention(s.attention, s.compile)
-    install_block_runner(model, s.checkpointing, s.compile, s.selective_blocks)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    return model, params
+def resolve(s: StepSettings, cfg, grid: tuple, batch: int, device, cap_gib: float | None,
+            log=print) -> tuple[Recipe, object]:
+    """(recipe with every lever set, the planner's estimate of its peak). Planned settings are
+    planned for `cap_gib` (the card's free memory without a cap)."""
+    recipe = to_recipe(s)
+    if s.planned:
+        recipe.train.memory_gib = cap_gib or 0.0
+        return plan_recipe(recipe, cfg, grid, batch, device, log=log)
+    n = cfg.num_layers
+    plan = default_plan(recipe.train, n)
+    recipe = apply_plan(recipe, plan, n)
+    return recipe, planner_for(recipe, cfg, grid, batch, device).estimate(plan)
 
 
 def make_optimizer(params, s: StepSettings, device) -> torch.optim.Optimizer:
-    fused = s.fused_adamw and torch.device(device).type == "cuda"
-    return torch.optim.AdamW(params, lr=s.lr, weight_decay=0.01, fused=fused or None,
-                             foreach=None if fused else True)
+    if s.fused_adamw or torch.device(device).type != "cuda":
+        from train.config import OptimConfig
+
+        return build_optimizer(params, OptimConfig(name="adamw", lr=s.lr, weight_decay=0.01),
+                               torch.device(device).type)
+    return torch.optim.AdamW(params, lr=s.lr, weight_decay=0.01, foreach=True)  # the lever
 
 
 @dataclass
 class Batch:
     latents: torch.Tensor  # [B,16,F,H,W] float32
     context: torch.Tensor  # [B,512,text_dim] (all rows real: the reference's text length 512)
+    extra: dict = field(default_factory=dict)  # I2V: clip_fea [B,257,clip_dim], y [B,20,F,H,W]
 
 
 def make_batch(cfg, width: int, height: int, frames: int, device, seed: int = 0, batch: int = 1,
                text_len: int | None = None) -> Batch:
-    from bench.flops import latent_grid
+    from wan_model.flops import latent_grid
 
     g = torch.Generator(device=device).manual_seed(seed)
     f, h, w = latent_grid(width, height, frames)
     latents = torch.randn(batch, cfg.out_dim, f, h, w, generator=g, device=device)
     ctx = torch.randn(batch, text_len or cfg.text_len, cfg.text_dim, generator=g, device=device)
-    return Batch(latents, ctx)
+    extra = {}
+    if cfg.is_i2v:
+        extra = {"clip_fea": torch.randn(batch, cfg.clip_tokens, cfg.clip_dim, generator=g, device=device),
+                 "y": torch.randn(batch, cfg.in_dim - cfg.out_dim, f, h, w, generator=g, device=device)}
+    return Batch(latents, ctx, extra)
 
 
 class TrainStep:
     """One optimizer step on a fixed batch with fresh noise and noise level each call; returns
     the loss as a device tensor (no host sync)."""
+
+    recipe = None  # the resolved training recipe the model was built from
+    estimate = None  # the memory planner's estimate of the step's peak
 
     def __init__(self, model: WanModel, params: list, settings: StepSettings, batch: Batch, device,
                  seed: int = 0, autocast: bool = True):
@@ -153,7 +164,7 @@ class TrainStep:
         s = torch.rand(x0.shape[0], generator=self.generator, device=self.device)
         x_s, target = noisy_input(x0, noise, s)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            pred = self.model(x_s, s * 1000.0, self.context)
+            pred = self.model(x_s, s * 1000.0, self.context, **self.batch.extra)
         return flow_loss(pred, target, s, "none")
 
     def __call__(self) -> torch.Tensor:
@@ -164,13 +175,16 @@ class TrainStep:
         return loss.detach()
 
 
-def build_step(load_model, s: StepSettings, batch: Batch, device, seed: int = 0,
-               autocast: bool = True) -> TrainStep:
-    """`load_model(dtype, device)` -> WanModel. LoRA loads the base in bf16 (fp8 quantises it);
-    full fine-tuning loads float32 master weights and trains under bf16 autocast. With block
-    swap the model is loaded to the host and only what stays resident goes to the device."""
-    dtype = torch.float32 if (s.mode == "full" or not autocast) else torch.bfloat16
-    load_device = "cpu" if s.block_swap else device
-    model = load_model(dtype, load_device)
-    model, params = prepare_model(model, s, device)
-    return TrainStep(model, params, s, batch, device, seed=seed, autocast=autocast)
+def build_step(load_model, s: StepSettings, batch: Batch, device, cfg, seed: int = 0,
+               autocast: bool = True, cap_gib: float | None = None, log=print) -> TrainStep:
+    """`load_model(dtype, device)` -> WanModel of config `cfg` with random weights. The model is
+    built by the trainer's builder from these settings (planned under `cap_gib` if `s.planned`)."""
+    grid = tuple(batch.latents.shape[2:])
+    recipe, estimate = resolve(s, cfg, grid, batch.latents.shape[0], device, cap_gib, log=log)
+    if not autocast:
+        recipe.train.mixed_precision = "no"
+    model, _ = build_model(recipe, device, load=load_model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = TrainStep(model, params, s, batch, device, seed=seed, autocast=autocast)
+    step.recipe, step.estimate = recipe, estimate
+    return step

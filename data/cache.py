@@ -5,11 +5,11 @@ yet cached and is freed, then the VAE (and for I2V the CLIP tower) encodes every
 cached while worker processes decode the next clips. Files are written atomically and carry
 their own record, so a second run encodes nothing, an interrupted run continues where it
 stopped, and a changed file, caption or setting is rebuilt. With several ranks (`accelerate
-launch`), rank r takes items r::world and rank 0 writes the manifest at the end.
+launch`), rank r takes the encoder batches r, r+world, ... and rank 0 writes the manifest at the
+end.
 """
 from __future__ import annotations
 
-import gc
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from wan_model.device_memory import free_memory
 
 from .cache_files import (CACHE_FORMAT, MANIFEST, PROBES, RESIZE_METHOD, file_identity,
                           latent_path, read_record, settings_hash, text_path)
@@ -67,9 +69,7 @@ def model_encoders(paths, cfg: DataConfig, i2v: bool, device: str | torch.device
         return model
 
     def text():
-        from wan_model import load_text_encoder
-        return load_text_encoder(paths.resolve("text_encoder"), paths.resolve("tokenizer"),
-                                 dtype=DTYPES[cfg.text_dtype], device=device)
+        return load_text(paths, cfg, device)
 
     def clip():
         from wan_model import load_clip_vision
@@ -79,12 +79,24 @@ def model_encoders(paths, cfg: DataConfig, i2v: bool, device: str | torch.device
     return Encoders(vae, text, clip if i2v else None, model_identity(paths, i2v), device)
 
 
+def load_text(paths, cfg: DataConfig, device: str | torch.device = "cpu"):
+    """The recipe's umT5 encoder in data.text_dtype, placed as data.text_encoder_device says,
+    computing on `device`: for caption caching and for the prompts of validation previews."""
+    from wan_model import load_text_encoder
+
+    return load_text_encoder(paths.resolve("text_encoder"), paths.resolve("tokenizer"),
+                             dtype=DTYPES[cfg.text_dtype], device=device,
+                             placement=cfg.text_encoder_device)
+
+
 def cache_settings(cfg: DataConfig, identity: dict, i2v: bool) -> dict:
     """Everything besides the clip itself that decides the cached tensors. A change here
     rebuilds the cache; training refuses a cache built with other settings."""
     latent = {"format": CACHE_FORMAT, "vae": identity.get("vae"), "vae_dtype": cfg.vae_dtype,
-              "latent_dtype": cfg.latent_dtype, "resize": RESIZE_METHOD, "tiling": cfg.low_memory,
+              "latent_dtype": cfg.latent_dtype, "resize": RESIZE_METHOD,
+              "tiling": bool(cfg.low_memory),  # null (not planned) hashes as false: caches stay valid
               "i2v": i2v, "clip": identity.get("clip") if i2v else None}
+    # the text encoder's placement is not here: streamed or whole, it computes the same embeddings
     text = {"format": CACHE_FORMAT, "text": identity.get("text"), "text_dtype": cfg.text_dtype}
     return {"latent": latent, "latent_hash": settings_hash(latent),
             "text": text, "text_hash": settings_hash(text)}
@@ -143,7 +155,7 @@ def _encode_texts(todo: list[tuple[str, str]], encoders: Encoders, cfg: DataConf
         bar.update(len(chunk))
     bar.close()
     del encoder
-    _free_memory()
+    free_memory()
 
 
 # ---- stage 2: latents ------------------------------------------------------------------------
@@ -197,8 +209,9 @@ def _encode_latents(todo: list[tuple[Item, dict]], plan: Plan, encoders: Encoder
         rec = plan.records[item.record]
         jobs.append((str(rec.clip.path), item.frames, rec.info.backend, item.bucket.width,
                      item.bucket.height))
-    loader = torch.utils.data.DataLoader(
-        _DecodeJobs(jobs), batch_sampler=_bucket_batches(items, cfg.vae_batch_size),
+    per_call = 1 if cfg.low_memory else cfg.vae_batch_size  # tiling bounds one clip's memory;
+    loader = torch.utils.data.DataLoader(                   # a batch would multiply it again
+        _DecodeJobs(jobs), batch_sampler=_bucket_batches(items, per_call),
         num_workers=cfg.num_workers, collate_fn=_collate,
         prefetch_factor=2 if cfg.num_workers else None, persistent_workers=False,
         pin_memory=encoders.device.type == "cuda")
@@ -232,12 +245,14 @@ def _encode_latents(todo: list[tuple[Item, dict]], plan: Plan, encoders: Encoder
                                   {k: t[b].detach().to(out_dtype) for k, t in tensors.items()})
             bar.update(len(batch))
         writer.finish()
+        failures += [f"{key}: the encoders gave NaN/inf {names} (an overflow in {cfg.vae_dtype}?): "
+                     "not cached; try data.vae_dtype=float32" for key, names in writer.not_finite]
     finally:
         torch.backends.cudnn.benchmark = benchmark
         writer.close()
         bar.close()
     del vae, clip, loader, batches
-    _free_memory()
+    free_memory()
     return failures
 
 
@@ -255,6 +270,7 @@ class _Writer:
         self.pending: list = []
         self.error: BaseException | None = None
         self.done = 0
+        self.not_finite: list[tuple[str, list[str]]] = []  # skipped: would turn every weight NaN
 
     def submit(self, key: str, record: dict, tensors: dict[str, torch.Tensor]) -> None:
         event = None
@@ -277,6 +293,10 @@ class _Writer:
         try:
             if event is not None:
                 event.synchronize()
+            bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+            if bad:  # checked here, on the host copy, so the encode loop never waits for it
+                self.not_finite.append((key, bad))
+                return
             record["shapes"] = {k: list(t.shape) for k, t in tensors.items()}
             save_safetensors_atomic(tensors, latent_path(self.cache_dir, key), {"wantune": json.dumps(record)})
             self.done += 1
@@ -302,12 +322,6 @@ class _Writer:
 def _bar(total: int, desc: str, unit: str, progress: bool):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # ---- the whole run ---------------------------------------------------------------------------
@@ -338,12 +352,15 @@ def build_cache(plan: Plan, encoders: Encoders, i2v: bool, rank: int = 0, world:
     run, t0 = CacheRun(), time.time()
     tag = f" [rank {rank}/{world}]" if world > 1 else ""
 
-    captions = sorted(captions_needed(plan).items())[rank::world]
+    # Ranks take whole encoder batches of the one-rank order, so every caption and clip is encoded
+    # in the same company (the same shapes and kernels) as on one GPU: the same bytes on disk.
+    captions = _deal(_chunks(sorted(captions_needed(plan).items()), cfg.text_batch_size), rank, world)
     todo_text = [(h, c) for h, c in captions if not _text_done(cache_dir, h, settings["text_hash"])]
     _encode_texts(todo_text, encoders, cfg, cache_dir, settings["text_hash"], progress, "text" + tag)
     run.texts_encoded = len(todo_text)
 
-    mine = sorted(plan.items, key=lambda it: it.key)[rank::world]
+    items = sorted(plan.items, key=lambda it: it.key)
+    mine = [items[i] for i in _deal(_bucket_batches(items, cfg.vae_batch_size), rank, world)]
     wanted = [(item, _item_record(plan, item, settings["latent_hash"])) for item in mine]
     todo = [(item, rec) for item, rec in wanted if not _item_done(cache_dir, rec)]
     run.items_reused = len(wanted) - len(todo)
@@ -356,6 +373,15 @@ def build_cache(plan: Plan, encoders: Encoders, i2v: bool, rank: int = 0, world:
         write_manifest(plan, cache_dir, settings)
     run.seconds = time.time() - t0
     return run
+
+
+def _chunks(seq: list, size: int) -> list[list]:
+    return [seq[i:i + size] for i in range(0, len(seq), size)]
+
+
+def _deal(batches: list[list], rank: int, world: int) -> list:
+    """Rank r's share: batches r, r+world, ... of the one-rank order, flattened."""
+    return [x for batch in batches[rank::world] for x in batch]
 
 
 def write_manifest(plan: Plan, cache_dir: Path, settings: dict, prune: bool = True) -> dict:
@@ -380,7 +406,7 @@ def write_manifest(plan: Plan, cache_dir: Path, settings: dict, prune: bool = Tr
                       "text_file": f"text/{rec.caption_hash}.safetensors"})
     manifest = {"format": CACHE_FORMAT, "settings": settings, "i2v": settings["latent"]["i2v"],
                 "empty_text_file": f"text/{text_hash('')}.safetensors", "items": items,
-                "missing": missing, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "missing": missing}  # no timestamp: an interrupted, resumed run ends byte-identical
     write_text_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=1))
     write_probes(plan)
     if prune:
@@ -396,13 +422,16 @@ def scan_with_report(cfg: DataConfig, state, progress: bool = True) -> Plan:
     from .plan import scan
     from .report import format_report
 
+    from wan_model.atomic import sweep_stale_temps, write_text_atomic
+
     media = Path(cfg.cache_dir) / "media"
     if state.is_main_process:
+        for folder in ("", "latents", "text", "media"):  # what killed runs left behind
+            sweep_stale_temps(Path(cfg.cache_dir).expanduser() / folder)
         plan = scan(cfg, known=read_probes(cfg.cache_dir), progress=progress, media_dir=media)
         report = format_report(plan)
         print(report, flush=True)
-        Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.cache_dir) / "report.txt").write_text(report + "\n")
+        write_text_atomic(Path(cfg.cache_dir) / "report.txt", report + "\n")
         write_probes(plan)
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -430,25 +459,15 @@ def _prune(cache_dir: Path, keys: set[str], captions: set[str]) -> None:
 # ---- checks for training ---------------------------------------------------------------------
 
 def conditioning_is_i2v(cfg: DataConfig, paths) -> bool:
-    """data.conditioning, or (auto) model.flavour, or the transformer's own config/keys."""
+    """data.conditioning, or (auto) what the model is (model.flavour, the DiT's config or keys)."""
     if cfg.conditioning != "auto":
         return cfg.conditioning == "i2v"
-    from wan_model import get_flavour
-
-    if paths.flavour:
-        return get_flavour(paths.flavour).dit.is_i2v
-    where = Path(paths.resolve("transformer")).expanduser()
-    config = where / "config.json" if where.is_dir() else None
-    if config is not None and config.exists():
-        c = json.loads(config.read_text())
-        return c.get("model_type") == "i2v" or c.get("in_dim") == 36 or c.get("in_channels") == 36
-    if where.suffix == ".safetensors" and where.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(where), framework="pt") as f:
-            return any(".img_emb." in f".{k}" or "image_embedder" in k for k in f.keys())
-    raise ValueError(f"cannot tell whether {where} is a t2v or an i2v model (no config.json): set "
-                     "data.conditioning=t2v or data.conditioning=i2v, or model.flavour")
+    i2v = paths.is_i2v()
+    if i2v is None:
+        raise ValueError(f"cannot tell whether {paths.resolve('transformer')} is a t2v or an i2v model "
+                         "(no config.json): set data.conditioning=t2v or data.conditioning=i2v, or "
+                         "model.flavour")
+    return i2v
 
 
 def verify_cache(plan: Plan, settings: dict) -> list[str]:

@@ -12,6 +12,7 @@ SOURCE_KINDS = ("auto", "folder", "manifest", "hf")
 SAMPLING_MODES = ("head", "uniform", "chunk", "slide")
 CONDITIONINGS = ("auto", "t2v", "i2v")
 DTYPES = ("float32", "bfloat16", "float16")
+TEXT_ENCODER_DEVICES = ("auto", "device", "cpu", "stream")  # wan_model.text_encoder.PLACEMENTS
 
 
 @dataclass
@@ -40,6 +41,9 @@ class SourceConfig:
         "help": "Manifest/hf column holding the caption; empty = the first of caption, prompt, text."})
     recursive: bool = field(default=False, metadata={
         "help": "Folder sources: also look in sub-folders."})
+    allow_outside: bool = field(default=False, metadata={
+        "help": "Manifest sources: follow rows whose path leaves the manifest's folder (absolute "
+                "or '..' paths). Off: such rows are reported and skipped."})
 
 
 @dataclass
@@ -87,9 +91,18 @@ class DataConfig:
         "help": "dtype the VAE encodes in (on CPU float32 is used)."})
     text_dtype: str = field(default="bfloat16", metadata={
         "help": "dtype the text encoder runs in; embeddings are stored in bfloat16."})
-    low_memory: bool = field(default=False, metadata={
-        "help": "For <= 24 GB cards: VAE tiling on, one clip per VAE call; the text encoder is "
-                "always freed before the VAE is loaded."})
+    text_encoder_device: str = field(default="auto", metadata={
+        "help": "Where the umT5 text encoder (11 GB in bf16) runs for caching and preview prompts: "
+                "device (whole on the GPU), cpu (on the host, in data.text_dtype: float32 is slow, "
+                "bfloat16 faster where the CPU supports it), stream (weights in pinned host memory, "
+                "each block copied to the GPU in turn: ~1 GB of GPU memory plus activations, the "
+                "same embeddings as device) or auto (the memory planner's choice; device where "
+                "none runs). Changing it does not rebuild the cache."})
+    low_memory: Optional[bool] = field(default=None, metadata={
+        "help": "VAE tiling while caching, for small cards: bounded memory, one clip per VAE call, "
+                "slightly different latents (changing it rebuilds the cache). null: the memory "
+                "planner's choice (off where none runs). The text encoder is always freed before "
+                "the VAE is loaded."})
     vae_compile: bool = field(default=True, metadata={
         "help": "On GPUs, run the VAE's bias+norm+SiLU passes as fused kernels (Triton and "
                 "torch.compile): the same latents to bf16 rounding, ~1.8x faster encode on an "
@@ -148,6 +161,9 @@ class DataConfig:
             out.append(f"data.target_fps={self.target_fps}: must be > 0, or null to keep source timing")
         if self.conditioning not in CONDITIONINGS:
             out.append(f"data.conditioning={self.conditioning!r}: choose one of {', '.join(CONDITIONINGS)}")
+        if self.text_encoder_device not in TEXT_ENCODER_DEVICES:
+            out.append(f"data.text_encoder_device={self.text_encoder_device!r}: choose one of "
+                       f"{', '.join(TEXT_ENCODER_DEVICES)} (stream or cpu for cards under 16 GB)")
         for name in ("latent_dtype", "vae_dtype", "text_dtype"):
             if getattr(self, name) not in DTYPES:
                 out.append(f"data.{name}={getattr(self, name)!r}: choose one of {', '.join(DTYPES)}")

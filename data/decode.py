@@ -85,6 +85,9 @@ def _probe_pyav(path: Path) -> MediaInfo:
     import av
 
     with av.open(str(path)) as container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["nothing"]
+            raise MediaError(f"no video stream (the file holds {', '.join(kinds)})")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         n, shape = 0, None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -108,9 +109,24 @@ def _list_folder(listing: SourceListing, root: Path) -> None:
                 listing.ignored.append(f"{f.name} (unknown suffix {ext or '(none)'})")
             continue
         cap_file = f.with_suffix(src.caption_ext)
-        caption = cap_file.read_text(encoding="utf-8", errors="replace") if cap_file.exists() else None
-        origin = cap_file.name if cap_file.exists() else f"no {cap_file.name}"
-        listing.clips.append(Clip(listing.index, f, caption, origin, src.num_repeats))
+        clip = Clip(listing.index, f, None, cap_file.name if cap_file.exists() else f"no {cap_file.name}",
+                    src.num_repeats)
+        if cap_file.exists():
+            clip.caption, problem = read_caption(cap_file)
+            if problem:
+                clip.problems.append(problem)
+        listing.clips.append(clip)
+
+
+def read_caption(path: Path) -> tuple[str, str]:
+    """A caption file's text, and the problem that makes it unusable ("" = none). A file that is
+    not UTF-8 is not guessed at: replaced characters would train as garbage tokens."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig"), ""
+    except UnicodeDecodeError as e:
+        return "", (f"caption {path.name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                    f"{e.start}): re-save it as UTF-8")
 
 
 def _pick(columns, wanted: str, candidates, what: str, where: str) -> str:
@@ -127,11 +143,15 @@ def _pick(columns, wanted: str, candidates, what: str, where: str) -> str:
 
 
 def _read_manifest_rows(path: Path) -> list[dict]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): re-save it as "
+                         "UTF-8") from None
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        return list(csv.DictReader(io.StringIO(text, newline="")))
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -149,6 +169,7 @@ def _list_manifest(listing: SourceListing, root: Path) -> None:
         return
     vcol = _pick(rows[0].keys(), src.video_column, PATH_COLUMNS, "file", str(path))
     ccol = _pick(rows[0].keys(), src.caption_column, CAPTION_COLUMNS, "caption", str(path))
+    corpus = path.parent.resolve()
     for n, row in enumerate(rows, 1):
         f = path.parent / str(row.get(vcol) or "")
         caption = row.get(ccol)
@@ -156,6 +177,11 @@ def _list_manifest(listing: SourceListing, root: Path) -> None:
                     f"{path.name} row {n}", src.num_repeats)
         if not row.get(vcol):
             clip.problems.append(f"{path.name} row {n}: empty {vcol!r}")
+        elif not src.allow_outside and not f.resolve().is_relative_to(corpus):
+            clip.problems.append(
+                f"{path.name} row {n}: {row[vcol]!r} points outside the manifest's folder {corpus} "
+                f"(to {f.resolve()}): move the file inside it, or set data.sources[{listing.index}]"
+                ".allow_outside=true if the manifest is meant to reach there")
         listing.clips.append(clip)
 
 
@@ -191,9 +217,8 @@ def _hf_media_path(value, root: Path, media: Path) -> Path:
         suffix = Path(path).suffix if path else ".bin"
         out = media / (hashlib.sha256(data).hexdigest()[:24] + suffix)
         if not out.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(out)
+            from wan_model.atomic import write_bytes_atomic
+
+            write_bytes_atomic(out, data, what=f"embedded media of {root.name}")
         return out
     return Path(path)

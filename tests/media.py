@@ -121,11 +121,13 @@ class FakeText:
 
     def __init__(self):
         self.prompts = []
+        self.batches = []
 
     def encode(self, prompts):
         import torch
 
         self.prompts += list(prompts)
+        self.batches.append(list(prompts))
         out = []
         for p in prompts:
             n = len(p.split()) + 1  # words + EOS, as a real tokenizer cut to length

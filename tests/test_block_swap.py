@@ -102,6 +102,37 @@ def test_inference_and_remove():
     assert swap.fetches > 0
 
 
+def test_the_fetched_copies_are_the_weights_that_run():
+    """Mark the copies the swap fetches (+0.25 on each): the output must be that of a model holding
+    the marked weights, not of the untouched host copies (equal losses alone cannot tell)."""
+    ref = lora_model()
+    swapped, marked = copy.deepcopy(ref), copy.deepcopy(ref)
+    swap = enable_block_swap(swapped, 2, "cpu")
+    fetch = swap._fetch
+
+    def marked_fetch(i):
+        if i not in swap.ready:
+            fetch(i)
+            out, event = swap.ready[i]
+            swap.ready[i] = ([t + 0.25 for t in out], event)
+
+    swap._fetch = marked_fetch
+    with torch.no_grad():
+        for i in swap.swapped:
+            names = {id(m): n for n, m in swapped.blocks[i].named_modules()}
+            for e in swap.entries[i]:
+                module = marked.blocks[i].get_submodule(names[id(e.module)])
+                getattr(module, e.name).add_(0.25)
+        x, t, ctx = batch(5)
+        got, want, plain = swapped(x, t, ctx), marked(x, t, ctx), ref(x, t, ctx)
+    assert torch.equal(got, want) and not torch.allclose(got, plain, atol=1e-3)
+    host = [e.host for i in swap.swapped for e in swap.entries[i]]
+    unmarked = [getattr(ref.blocks[i].get_submodule(n), e.name)
+                for i in swap.swapped for e in swap.entries[i]
+                for n in [{id(m): k for k, m in swapped.blocks[i].named_modules()}[id(e.module)]]]
+    assert all(torch.equal(h, u) for h, u in zip(host, unmarked))  # the host copies stay clean
+
+
 def test_prefetch_order_follows_the_pass():
     model = lora_model()
     model.gradient_checkpointing = True

@@ -162,7 +162,7 @@ def test_first_frame_condition_encodes_image_then_zero_frames():
 
 
 def test_two_ranks_split_the_work(corpus, tmp_path):
-    cfg = make_cfg(corpus, tmp_path)
+    cfg = make_cfg(corpus, tmp_path, text_batch_size=2)
     plan = scan(cfg, progress=False)
     r1 = build_cache(plan, e1 := fake_encoders(), False, rank=1, world=2, progress=False)
     assert not (tmp_path / "cache" / "manifest.json").exists()  # only rank 0 writes it
@@ -198,3 +198,27 @@ def test_dataset_refuses_a_file_rewritten_after_the_manifest(corpus, tmp_path):
     shutil.rmtree(cfg.cache_dir)
     with pytest.raises(StaleCacheError, match="tools/cache.py"):
         CachedDataset(cfg.cache_dir)
+
+
+def test_ranks_encode_whole_batches_of_the_one_rank_order(tmp_path):
+    """Each rank takes whole encoder batches of what one rank would encode, so a clip or caption
+    is encoded in the same company (same shapes, same kernels) whatever the number of GPUs."""
+    d = tmp_path / "clips"
+    d.mkdir()
+    for i in range(4):
+        write_image(d / f"s{i}.png", index=i)
+        (d / f"s{i}.txt").write_text(f"still number {i}")
+    cfg = make_cfg(d, tmp_path, text_batch_size=3, vae_batch_size=2)
+    plan = scan(cfg, progress=False)
+    keys = sorted(item.key for item in plan.items)
+    one = fake_encoders()
+    build_cache(plan, one, False, progress=False)
+    one_batches = one.made["text"][0].batches
+    assert [len(b) for b in one_batches] == [3, 2]  # 4 captions + the empty one
+    cfg.cache_dir = str(tmp_path / "rank1")
+    ranks = [fake_encoders(), fake_encoders()]
+    build_cache(plan, ranks[1], False, rank=1, world=2, progress=False)
+    written = sorted(p.stem for p in (tmp_path / "rank1" / "latents").glob("*.safetensors"))
+    assert written == keys[2:]  # the second VAE batch of two, not every other clip
+    build_cache(plan, ranks[0], False, rank=0, world=2, progress=False)
+    assert ranks[0].made["text"][0].batches + ranks[1].made["text"][0].batches == one_batches

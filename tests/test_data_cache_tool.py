@@ -77,7 +77,8 @@ def test_cache_tool_exit_status(setup, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_accelerate_launch_splits_the_corpus_across_two_ranks(setup, tmp_path):
+def test_two_ranks_write_the_bytes_of_one_and_report_once(setup, tmp_path):
+    import json
     import os
     import subprocess
     import sys
@@ -86,11 +87,23 @@ def test_accelerate_launch_splits_the_corpus_across_two_ranks(setup, tmp_path):
     tmp, recipe = setup
     tool = Path(cache_tool.__file__)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    from tests.runs import free_port
+
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(tool),
-           str(recipe), f"data.cache_dir={tmp_path / 'cache'}", "--no-progress"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(tool),  # not 29500: another session may hold it
+           str(recipe), f"data.cache_dir={tmp_path / 'two'}", "--no-progress"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)  # a hang guard
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
-    assert lines[0].startswith("rank 0: 1 clips") and lines[1].startswith("rank 1: 1 clips"), done.stdout
-    assert len(read_manifest(tmp_path / "cache")["items"]) == 2
+    # one voice: one report and one summary, which counts both ranks' work
+    assert done.stdout.count("Dataset report") == 1 and done.stdout.count("captions encoded") == 1
+    assert "2 clips and 3 captions encoded, 0 clips already cached" in done.stdout, done.stdout
+    assert "on 2 ranks (clips encoded per rank: 1, 1)" in done.stdout, done.stdout
+    assert cache_tool.main([str(recipe), f"data.cache_dir={tmp_path / 'one'}", "--no-progress"]) == 0
+    one, two = tmp_path / "one", tmp_path / "two"
+    files = sorted(p.relative_to(one) for p in one.glob("*/*.safetensors"))
+    assert len(files) == 5 and files == sorted(p.relative_to(two) for p in two.glob("*/*.safetensors"))
+    for f in files:
+        assert (one / f).read_bytes() == (two / f).read_bytes(), f
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
+    assert len(a["items"]) == 2 and {**a, "written": ""} == {**b, "written": ""}

@@ -45,18 +45,64 @@ def test_resume_continues_the_same_order():
     resumed.load_state_dict(state)
     rest = epoch_batches(resumed) + epoch_batches(resumed)
     assert consumed + rest[: len(full) - 4] == full
-    with pytest.raises(ValueError, match="another dataset, batch size, seed"):
+    with pytest.raises(ValueError, match="another dataset, batch size or seed"):
         BucketBatchSampler(BUCKETS, 4, seed=3).load_state_dict(state)
 
 
-def test_ranks_get_disjoint_equal_shares():
+def micro_steps(samplers, n):
+    """The global batches `n` micro-steps of these ranks train, in stream order."""
+    its = [iter(s) for s in samplers]
+    out = []
+    for _ in range(n):
+        for k, s in enumerate(samplers):
+            try:
+                out.append(list(next(its[k])))
+            except StopIteration:  # the trainer starts the next epoch's iteration
+                its[k] = iter(s)
+                out.append(list(next(its[k])))
+    return out
+
+
+def test_ranks_share_one_stream_without_padding():
     ranks = [BucketBatchSampler(BUCKETS, 2, seed=9, rank=r, world=2) for r in range(2)]
     shares = [epoch_batches(s) for s in ranks]
-    assert len(shares[0]) == len(shares[1]) == 4  # 7 global batches padded to 8
-    glob = BucketBatchSampler(BUCKETS, 2, seed=9).global_batches(0)
-    assert [b for pair in zip(*shares) for b in pair][:7] == glob
-    seen = Counter(i for s in shares for b in s for i in b)
-    assert set(seen) == set(range(len(BUCKETS)))
+    assert len(shares[0]) == len(shares[1]) == 4  # 7 global batches: 4 micro-steps of 2 ranks
+    one = BucketBatchSampler(BUCKETS, 2, seed=9)
+    stream = one.global_batches(0) + one.global_batches(1)
+    # rank 1's fourth batch is the first of epoch 1: nothing padded, nothing repeated
+    assert [b for pair in zip(*shares) for b in pair] == stream[:8]
+    assert [s.state_dict()["epoch"] for s in ranks] == [1, 1]
+    assert [s.state_dict()["position"] for s in ranks] == [1, 1]
+    assert [b for pair in zip(*[epoch_batches(s) for s in ranks]) for b in pair][:6] == stream[8:14]
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (2, 3), (3, 2)])
+def test_resume_on_another_number_of_ranks_continues_the_stream(before, after):
+    """A position saved by `before` ranks, resumed by `after`: together they train the single-rank
+    stream, batch for batch, so every epoch holds every sample exactly once."""
+    one = BucketBatchSampler(BUCKETS, 2, seed=4)
+    stream = [b for e in range(4) for b in one.global_batches(e)]
+    first = [BucketBatchSampler(BUCKETS, 2, seed=4, rank=r, world=before) for r in range(before)]
+    trained = micro_steps(first, 5)
+    state = first[0].state_dict()
+    assert all(s.state_dict() == state for s in first) and state["world"] == before
+    second = [BucketBatchSampler(BUCKETS, 2, seed=4, rank=r, world=after) for r in range(after)]
+    for s in second:
+        s.load_state_dict(state)
+    trained += micro_steps(second, 6)
+    assert trained == stream[:len(trained)]
+    per_epoch = one.per_epoch
+    for e in range(len(trained) // per_epoch):
+        samples = sorted(i for b in trained[e * per_epoch:(e + 1) * per_epoch] for i in b)
+        assert samples == list(range(len(BUCKETS))), e
+
+
+def test_more_ranks_than_batches_in_an_epoch():
+    small = [(64, 48, 1)] * 3
+    ranks = [BucketBatchSampler(small, 2, seed=1, rank=r, world=4) for r in range(4)]  # 2 per epoch
+    one = BucketBatchSampler(small, 2, seed=1)
+    assert micro_steps(ranks, 2) == [b for e in range(4) for b in one.global_batches(e)]
+    assert ranks[0].state_dict()["epoch"] == 4 and ranks[0].state_dict()["position"] == 0
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def make_step(settings: StepSettings):
     # The weights are always drawn by the CUDA generator (a block-swapped model is then moved to
     # the host, where build_step loads it): the CPU generator would give a different model.
     step = build_step(lambda dtype, device: build_random_dit(CFG, dtype, "cuda", seed=0).to(device),
-                      settings, batch, "cuda", seed=0)
+                      settings, batch, "cuda", CFG, seed=0)
     g = torch.Generator(device="cuda").manual_seed(7)
     for name, p in step.model.named_parameters():  # same order in every variant
         if "lora_" in name:  # identical, non-zero adapters (lora_B starts at zero otherwise)

@@ -239,3 +239,82 @@ def test_inspect_reports_shape_facts():
     assert inspect(big)["base_model"] == "t2v-1.3B"
     big14 = Lora({"blocks.0.cross_attn.k_img": LoraWeights(torch.zeros(2, 5120), torch.zeros(5120, 2))})
     assert inspect(big14)["base_model"] == "i2v-14B"
+
+
+# -- each consumer's own loading rule, written here from its documentation/source -------------------
+def _model_modules(flavour="tiny-t2v") -> list[str]:
+    return sorted(k[:-7] for k in official_keys_from_wanmodel(flavour) if k.endswith(".weight"))
+
+
+def comfyui_rule(sd: dict) -> dict[str, torch.Tensor]:
+    """ComfyUI (comfy/lora.py, weight_adapter/lora.py): a module's keys are found through its key
+    map, `diffusion_model.<module>` or `lora_unet_<module, dots as underscores>`, with
+    `lora_up`/`lora_down` or `lora_B`/`lora_A`; the change is up @ down * (alpha / down.shape[0])
+    when an `.alpha` key exists, else up @ down."""
+    out = {}
+    for module in _model_modules():
+        for prefix in (f"diffusion_model.{module}", "lora_unet_" + module.replace(".", "_")):
+            for up, down in (("lora_up", "lora_down"), ("lora_B", "lora_A")):
+                if f"{prefix}.{up}.weight" in sd:
+                    u, d = sd[f"{prefix}.{up}.weight"].float(), sd[f"{prefix}.{down}.weight"].float()
+                    alpha = sd[f"{prefix}.alpha"].item() / d.shape[0] if f"{prefix}.alpha" in sd else 1.0
+                    out[module] = alpha * (u @ d)
+    return out
+
+
+def musubi_rule(sd: dict) -> dict[str, torch.Tensor]:
+    """kohya/musubi-tuner (networks/lora.py LoRAModule): lora_dim = lora_down.shape[0], alpha from
+    the `.alpha` tensor (lora_dim when absent), scale = alpha / lora_dim; names lora_unet_*."""
+    out = {}
+    names = {"lora_unet_" + m.replace(".", "_"): m for m in _model_modules()}
+    for stem, module in names.items():
+        if f"{stem}.lora_down.weight" in sd:
+            d, u = sd[f"{stem}.lora_down.weight"].float(), sd[f"{stem}.lora_up.weight"].float()
+            alpha = sd[f"{stem}.alpha"].item() if f"{stem}.alpha" in sd else d.shape[0]
+            out[module] = (alpha / d.shape[0]) * (u @ d)
+    return out
+
+
+def diffsynth_rule(sd: dict) -> dict[str, torch.Tensor]:
+    """DiffSynth-Studio (GeneralLoRALoader): `<module>.lora_B.default.weight @ lora_A` times the
+    loader's alpha argument (1.0 by default); `.alpha` keys are not read."""
+    out = {}
+    for module in _model_modules():
+        if f"{module}.lora_B.default.weight" in sd:
+            out[module] = sd[f"{module}.lora_B.default.weight"].float() @ sd[f"{module}.lora_A.default.weight"].float()
+    return out
+
+
+def peft_rule(sd: dict) -> dict[str, torch.Tensor]:
+    """diffusers/PEFT: scale = lora_alpha / r, where diffusers takes lora_alpha from `.alpha` keys
+    (network_alphas) when present and r otherwise; names `transformer.<diffusers module>`."""
+    from wan_model.convert import dit_name_to_diffusers
+
+    out = {}
+    for module in _model_modules():
+        stem = "transformer." + dit_name_to_diffusers(module)
+        if f"{stem}.lora_A.weight" in sd:
+            a, b = sd[f"{stem}.lora_A.weight"].float(), sd[f"{stem}.lora_B.weight"].float()
+            alpha = sd[f"{stem}.alpha"].item() if f"{stem}.alpha" in sd else a.shape[0]
+            out[module] = (alpha / a.shape[0]) * (b @ a)
+    return out
+
+
+# which consumer loads which format (the formats table at the top of wan_model/lora_formats.py)
+CONSUMERS = {"wantune": [comfyui_rule], "comfyui": [comfyui_rule], "kohya": [comfyui_rule, musubi_rule],
+             "diffusion-pipe": [comfyui_rule], "diffusers": [peft_rule], "diffsynth": [diffsynth_rule]}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_consumer_reads_the_intended_change(tmp_path, fmt):
+    """rank 4, alpha 2: every consumer of a format must see 0.5 * up @ down for every module."""
+    from safetensors.torch import load_file
+
+    lora = random_lora(rank=4, alpha=2.0)
+    sd = load_file(str(write_lora(lora, tmp_path / "x.safetensors", format=fmt)))
+    for rule in CONSUMERS[fmt]:
+        seen = rule(sd)
+        assert seen.keys() == lora.weights.keys(), (rule.__name__, fmt)
+        for m, w in lora.weights.items():
+            torch.testing.assert_close(seen[m], 0.5 * (w.up.float() @ w.down.float()), rtol=1e-6, atol=1e-7,
+                                       msg=lambda s: f"{rule.__name__} on {fmt}, {m}: {s}")

@@ -1,21 +1,19 @@
 """Publishing: the folder is complete, the card parses, private paths are gone, and the push runs
-against a local stand-in for the Hub (HF_ENDPOINT) that records what was uploaded."""
-import base64
+against a local stand-in for the Hub (HF_ENDPOINT, tests/hub_stub.py) that records what was uploaded."""
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import HUB_TOKEN
 from tests.test_lora_formats import random_lora
 from tools import publish as publish_cli
 from train.publish import (PublishError, base_model_key, build_publish_folder, inputs_from_run,
                            push_to_hub, redact)
 from wan_model.lora import lora_metadata, read_lora, write_lora
 
-SECRET = "hf_TESTTOKENnotreal0123456789"
+SECRET = HUB_TOKEN  # what the `hub` fixture puts in HF_TOKEN
 
 
 def make_run(tmp_path: Path) -> Path:
@@ -115,110 +113,30 @@ def test_explicit_inputs_and_base_models(tmp_path):
                                                                       "api_key": "<redacted>"}
 
 
-class FakeHub(BaseHTTPRequestHandler):
-    """Answers the calls `create_repo` + `upload_folder` make; records paths, files, auth."""
-
-    log: list = []
-
-    def log_message(self, *args):  # keep test output quiet
-        pass
-
-    def _reply(self, code: int, body: dict) -> None:
-        self.log[-1]["code"] = code
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        entry = {"path": self.path, "auth": self.headers.get("Authorization"), "files": {}}
-        self.log.append(entry)
-        base = f"http://{self.headers['Host']}"
-        if self.path == "/api/repos/create":
-            req = json.loads(body)
-            if "denied" in req["name"]:
-                return self._reply(401, {"error": "Invalid credentials in Authorization header"})
-            return self._reply(200, {"url": f"{base}/{req.get('organization') or 'me'}/{req['name']}"})
-        if self.path == "/api/validate-yaml":  # the card's front matter must parse
-            try:
-                front_matter(json.loads(body)["content"])
-            except Exception as e:
-                return self._reply(400, {"errors": [{"message": str(e)}]})
-            return self._reply(200, {"errors": [], "warnings": []})
-        if "/preupload/" in self.path:
-            files = json.loads(body)["files"]
-            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
-                                                "shouldIgnore": False} for f in files]})
-        if "/commit/" in self.path:
-            for line in body.decode().splitlines():
-                item = json.loads(line)
-                if item.get("key") == "file":
-                    v = item["value"]
-                    entry["files"][v["path"]] = base64.b64decode(v["content"])
-            return self._reply(200, {"commitUrl": f"{base}/me/repo/commit/{'a' * 40}",
-                                     "commitOid": "a" * 40})
-        return self._reply(404, {"error": f"unexpected call {self.path}"})
-
-    def do_GET(self):
-        if self.path == "/api/agent-harnesses":  # an optional registry the client fetches; not part of the push
-            self.send_response(404)
-            self.end_headers()
-            return
-        self.log.append({"path": self.path, "auth": self.headers.get("Authorization"), "files": {}})
-        return self._reply(404, {"error": f"unexpected call {self.path}"})
-
-
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
-    from huggingface_hub import constants
-
-    FakeHub.log = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-    monkeypatch.setenv("HF_ENDPOINT", endpoint)
-    # huggingface_hub reads HF_ENDPOINT once, when first imported (maybe earlier in this process):
-    # point its constant at the stand-in too, so that no call can reach the real Hub.
-    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "hf_home" / "harnesses.json"))
-    monkeypatch.setenv("HF_TOKEN", SECRET)
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        yield FakeHub.log
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-def test_push_uploads_card_and_lora_without_writing_the_token(tmp_path, fake_hub):
+def test_push_uploads_card_and_lora_without_writing_the_token(tmp_path, hub):
     run = make_run(tmp_path)
     out = tmp_path / "pub"
     assert publish_cli.main([str(run), "--out", str(out), "--civitai", "--repo-id", "me/wan-my-style",
                              "--push"]) == 0
-    paths = [e["path"] for e in fake_hub]
+    paths = [e["path"] for e in hub.log]
     assert paths[0] == "/api/repos/create" and "/api/validate-yaml" in paths
     assert any("/api/models/me/wan-my-style/preupload/main" in p for p in paths)
-    commits = [e for e in fake_hub if "/commit/" in e["path"]]
+    commits = [e for e in hub.log if "/commit/" in e["path"]]
     uploaded = {name: data for e in commits for name, data in e["files"].items()}
     assert {"README.md", "my-style.safetensors", "recipe.yaml", "previews/00-a-cat-in-mystyle.mp4"} <= set(uploaded)
     assert not any(n.startswith("civitai/") for n in uploaded)  # the CivitAI package stays local
     assert uploaded["README.md"] == (out / "README.md").read_bytes()
-    assert all(e["auth"] == f"Bearer {SECRET}" for e in fake_hub)  # the token came from the env
+    assert all(e["auth"] == f"Bearer {SECRET}" for e in hub.log)  # the token came from the env
     assert SECRET not in all_text(out)
     assert not any(SECRET.encode() in data for data in uploaded.values())
-    assert all(e["code"] == 200 for e in fake_hub), fake_hub  # no call the stand-in did not expect
+    assert all(e["code"] == 200 for e in hub.log), hub.log  # no call the stand-in did not expect
 
 
-def test_push_failure_is_reported_with_the_fix(tmp_path, fake_hub):
+def test_push_failure_is_reported_with_the_fix(tmp_path, hub):
     folder = tmp_path / "f"
     folder.mkdir()
     (folder / "README.md").write_text("x")
     with pytest.raises(PublishError, match="hf auth login"):
         push_to_hub(folder, "me/denied")
-    assert fake_hub[0]["path"] == "/api/repos/create"
-    assert not any("/preupload/" in e["path"] or "/commit/" in e["path"] for e in fake_hub)
+    assert hub.log[0]["path"] == "/api/repos/create"
+    assert not any("/preupload/" in e["path"] or "/commit/" in e["path"] for e in hub.log)

@@ -59,21 +59,22 @@ def test_random_model_runs_end_to_end(i2v):
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
-    import json, sys, torch
+    import gc, json, sys, torch
     from wan_model.configs import DiTConfig
     from wan_model.dit_io import load_transformer, save_transformer
     from wan_model.transformer import WanModel
     cfg = DiTConfig(dim=512, ffn_dim=2048, num_heads=4, num_layers=8, text_dim=64)
     folder, dtype = sys.argv[1], getattr(torch, sys.argv[2])
     save_transformer(WanModel(cfg).state_dict(), folder, cfg)
-    tiny = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=1, text_dim=64)
-    save_transformer(WanModel(tiny).state_dict(), folder + "/warm", tiny)
-    load_transformer(folder + "/warm", dtype=dtype)  # one-time costs (lazy imports, allocator)
     def rss(field):
         for line in open("/proc/self/status"):
             if line.startswith(field):
                 return int(line.split()[1]) * 1024
-    import gc; gc.collect()
+    # The same load once first: lazy imports, thread pools and their allocator arenas appear
+    # then, not in the measured load (they made the old bound fail at random on some machines).
+    model = load_transformer(folder, dtype=dtype)
+    del model
+    gc.collect()
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak
     before = rss("VmRSS:")
     model = load_transformer(folder, dtype=dtype)
@@ -81,25 +82,29 @@ MEMORY_SCRIPT = textwrap.dedent("""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     print(json.dumps({"peak": peak, "weights": weights}))
 """)
+# Every buffer of 64 KiB or more is its own mapping, returned to the system when freed: resident
+# memory then counts what is alive, not what glibc keeps cached from earlier allocations.
+EXACT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_loading_peak_memory_near_one_copy(tmp_path, dtype):
-    r = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path), dtype], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    """Measured at ~1.0x on 1, 2 and 8 threads; a second full copy (2x-3x) fails by far."""
     import json
+    import os
 
+    r = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path), dtype], capture_output=True,
+                       text=True, cwd=ROOT, timeout=1800, env={**os.environ, **EXACT_MALLOC})
+    assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
     print(f"{dtype}: peak RSS growth {m['peak'] / 2**20:.1f} MiB for {m['weights'] / 2**20:.1f} MiB of weights")
-    assert m["peak"] <= 1.3 * m["weights"], m
+    assert 0.8 * m["weights"] <= m["peak"] <= 1.3 * m["weights"], m
 
 
 def test_verify_weights(tmp_path, monkeypatch):
     out = tmp_path / "m"
     write_random_checkpoint(out, "tiny-t2v", log=lambda *_: None)
-    sys.path.insert(0, str(ROOT / "tools"))
-    import verify_weights
+    from tools import verify_weights
 
     assert verify_weights.main([str(out), "--no-hash"]) == 1  # random files are not the official ones
     vae = out / "Wan2.1_VAE.pth"

@@ -139,8 +139,12 @@ def test_sequence_parallel_groups_match_one_process(tmp_path):
 
 # ---- the trainer through its real entry point ---------------------------------------------------
 
-GLOO_2 = ("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no")
+def gloo_2() -> tuple:
+    """accelerate launch of 2 CPU processes on a port of their own (another run may hold 29500)."""
+    from tests.runs import free_port
+
+    return ("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()))
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +177,7 @@ def test_trainer_two_ranks_one_sample_match_one_process(workdir, monkeypatch):
     one = run_train(workdir, "one", **sched)
     assert one.returncode == 0, one.stderr[-3000:]
     # a preview at the end: the main process renders with the model whole, the other rank waits
-    two = run_train(workdir, "two", launcher=GLOO_2, **{**sched, "train.sequence_parallel": 2,
+    two = run_train(workdir, "two", launcher=gloo_2(), **{**sched, "train.sequence_parallel": 2,
                                                         "validation.prompts": "[a red circle]",
                                                         "validation.steps": 2, "validation.at_start": False})
     assert two.returncode == 0, two.stderr[-3000:]

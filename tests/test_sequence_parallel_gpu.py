@@ -54,7 +54,8 @@ def _worker(rank: int, world: int, rendezvous: str) -> None:
         for name, cfg, size, settings in _cases():
             torch.manual_seed(0)
             batch = make_batch(cfg, *size, device, seed=3)
-            step = build_step(lambda dtype, dev: build_random_dit(cfg, dtype, dev, seed=0), settings, batch, device)
+            step = build_step(lambda dtype, dev: build_random_dit(cfg, dtype, dev, seed=0), settings, batch,
+                              device, cfg)
             g = torch.Generator(device=device).manual_seed(7)
             for n, p in step.model.named_parameters():  # identical non-zero adapters on both GPUs
                 if "lora_" in n:
@@ -107,6 +108,7 @@ def test_trainer_on_two_gpus_matches_one(tmp_path):
     from PIL import Image
     from safetensors.torch import load_file
 
+    from tests.runs import free_port
     from tests.test_train import losses
     from wan_model.random_weights import write_random_checkpoint
 
@@ -118,7 +120,8 @@ def test_trainer_on_two_gpus_matches_one(tmp_path):
     write_random_checkpoint(tmp_path / "model", "tiny-t2v", log=lambda *_: None)
     _run_train(tmp_path, "one", (sys.executable,))
     _run_train(tmp_path, "two", ("accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-                                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
+                                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                 "--main_process_port", str(free_port())),
                **{"train.sequence_parallel": 2})
     a, b = losses(tmp_path, "one"), losses(tmp_path, "two")
     assert sorted(a) == sorted(b) == [1, 2]

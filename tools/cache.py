@@ -4,10 +4,12 @@ latents for I2V), incrementally.
     python tools/cache.py RECIPE.yaml [key=value ...]
     accelerate launch tools/cache.py RECIPE.yaml      # several GPUs split the clips
 
-Prints the dataset report first. Re-running encodes only new or changed clips and captions;
-a settings change rebuilds what it affects; an interrupted run continues where it stopped.
-Exit status: 0 when the cache holds usable samples, 1 when nothing could be cached, 2 when the
-recipe is wrong.
+Downloads the model files first when model.root is a Hugging Face repo id (only the VAE, text
+encoder, tokenizer, the DiT's config.json and for I2V the CLIP tower), checks the recipe against
+the files, then prints the dataset report. Re-running encodes only new or changed clips and
+captions; a settings change rebuilds what it affects; an interrupted run continues where it
+stopped. Exit status: 0 when the cache holds usable samples, 1 when nothing could be cached, 2
+when the recipe or its files are wrong.
 """
 from __future__ import annotations
 
@@ -17,48 +19,70 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
 
-from data.cache import build_cache, conditioning_is_i2v, model_encoders, scan_with_report  # noqa: E402
-from data.recipe import load_recipe_for_tools  # noqa: E402
+from data.cache import build_cache, model_encoders, scan_with_report  # noqa: E402
+from data.preflight import CACHE_COMPONENTS, data_problems, fetch_model, report  # noqa: E402
+from data.recipe import add_recipe_arguments, recipe_from_args  # noqa: E402
+from wan_model.atomic import WriteError  # noqa: E402
+from wan_model.quiet import quiet_third_party  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", help="recipe YAML")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.num_workers=8")
+    add_recipe_arguments(parser, example="data.num_workers=8")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    try:
-        recipe = load_recipe_for_tools(args.recipe, args.overrides)
-        cfg = recipe.data
-        problems = recipe.model.problems() + ([] if cfg.cache_dir else [
-            "data.cache_dir is empty: set it to the folder the cache is written to"])
-        if problems:
-            raise ValueError("\n  - ".join([f"{args.recipe}:"] + problems))
-        i2v = conditioning_is_i2v(cfg, recipe.model)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    quiet_third_party(args.verbose)
+    recipe = recipe_from_args(args)  # the model and data sections (data.recipe)
+    if recipe is None:
         return 2
+    cfg = recipe.data
 
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
 
     state = Accelerator()  # reads the launcher's settings (ACCELERATE_USE_CPU, ranks) like train.py
+    try:
+        fetch_model(recipe.model, CACHE_COMPONENTS, state)
+        i2v, problems = data_problems(recipe.model, cfg, CACHE_COMPONENTS)
+    except ValueError as e:  # a repo id that cannot be fetched (wan_model.hub.HubError)
+        problems = [str(e)]
+    if problems:
+        print(f"error: {args.recipe}: {report(problems)}", file=sys.stderr)
+        return 2
     rank, world = state.process_index, state.num_processes
-    plan = scan_with_report(cfg, state, progress=not args.no_progress)
+    progress = state.is_main_process and not args.no_progress  # one voice: the main process's bars
+    plan = scan_with_report(cfg, state, progress=progress)
     if not plan.items:
-        print("nothing usable to cache (see the report above)", file=sys.stderr)
+        if state.is_main_process:
+            print("nothing usable to cache (see the report above)", file=sys.stderr)
         return 1
     encoders = model_encoders(recipe.model, cfg, i2v, state.device)
-    run = build_cache(plan, encoders, i2v, rank, world, progress=not args.no_progress,
-                      barrier=state.wait_for_everyone)
-    tag = f"rank {rank}: " if world > 1 else ""
-    print(f"{tag}{run.items_encoded} clips and {run.texts_encoded} captions encoded, "
-          f"{run.items_reused} clips already cached, {run.seconds:.1f} s "
-          f"({'t2v' if not i2v else 'i2v'}, cache {cfg.cache_dir})")
-    for failure in run.failures:
-        print(f"{tag}FAILED {failure}", file=sys.stderr)
+    try:
+        run = build_cache(plan, encoders, i2v, rank, world, progress=progress,
+                          barrier=state.wait_for_everyone)
+    except WriteError as e:  # a full disk or a read-only folder: every finished file is kept
+        print(f"error: {e}\nrun the same command again to continue where it stopped", file=sys.stderr)
+        return 1
+    runs = gather_object([run]) if world > 1 else [run]  # every rank's counts, for one summary
+    if state.is_main_process:
+        print(summary(runs, i2v, cfg.cache_dir))
+        for r, each in enumerate(runs):
+            for failure in each.failures:
+                print(f"FAILED{f' (rank {r})' if world > 1 else ''} {failure}", file=sys.stderr)
     state.wait_for_everyone()
     state.end_training()  # tears the process group down cleanly before exit
     return 0
+
+
+def summary(runs: list, i2v: bool, cache_dir: str) -> str:
+    """One line for all ranks; with several, the slowest rank's seconds and each rank's share."""
+    line = (f"{sum(r.items_encoded for r in runs)} clips and {sum(r.texts_encoded for r in runs)} "
+            f"captions encoded, {sum(r.items_reused for r in runs)} clips already cached, "
+            f"{max(r.seconds for r in runs):.1f} s ({'i2v' if i2v else 't2v'}, cache {cache_dir})")
+    if len(runs) > 1:
+        line += " on {} ranks (clips encoded per rank: {})".format(
+            len(runs), ", ".join(str(r.items_encoded) for r in runs))
+    return line
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Extract a LoRA from a full fine-tune: truncated SVD of (tuned - base) for each Linear.
 
-    python tools/extract_lora.py --base Wan2.1-T2V-1.3B --tuned runs/full/export \
+    python tools/extract_lora.py --base Wan-AI/Wan2.1-T2V-1.3B --tuned runs/full/export \
         --rank 64 --out extracted.safetensors [--format wantune]
 
 Prints the energy captured per layer (kept squared singular values / total): near 1.0 means the
@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from wan_model.lora import FORMATS, LoraError, extract_lora, write_lora  # noqa: E402
 from wan_model.lora_formats import official_dit_names  # noqa: E402
 from wan_model.loading import WeightsError, open_weights  # noqa: E402
+from wan_model.paths import ModelPaths  # noqa: E402
 
 
 class OfficialView:
@@ -52,7 +53,8 @@ def uncaptured(base: OfficialView, tuned: OfficialView, extracted: set[str]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="base DiT folder or file")
+    parser.add_argument("--base", required=True, help="base DiT folder or file, or a Hugging Face repo id "
+                        "(e.g. Wan-AI/Wan2.1-T2V-1.3B)")
     parser.add_argument("--tuned", required=True, help="fine-tuned DiT folder or file")
     parser.add_argument("--rank", type=int, required=True, help="LoRA rank")
     parser.add_argument("--out", required=True, help="output .safetensors")
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip layers whose largest change is at most this")
     args = parser.parse_args(argv)
     try:
-        base, tuned = OfficialView(Path(args.base)), OfficialView(Path(args.tuned))
+        base_dit = Path(ModelPaths(root=args.base).resolve("transformer"))  # a repo id is downloaded
+        base, tuned = OfficialView(base_dit), OfficialView(Path(args.tuned))
         missing = sorted(set(base.keys()) ^ set(tuned.keys()))
         if missing:
             raise WeightsError(f"--base and --tuned hold different tensors ({missing[:5]}); "

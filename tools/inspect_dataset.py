@@ -15,20 +15,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 from data.cache_files import read_probes  # noqa: E402
 from data.plan import scan  # noqa: E402
-from data.recipe import load_recipe_for_tools  # noqa: E402
+from data.recipe import add_recipe_arguments, recipe_from_args  # noqa: E402
 from data.report import format_report  # noqa: E402
+from wan_model.quiet import quiet_third_party  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", help="recipe YAML")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.target_fps=24")
+    add_recipe_arguments(parser, example="data.target_fps=24")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    try:
-        recipe = load_recipe_for_tools(args.recipe, args.overrides)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    quiet_third_party(args.verbose)
+    recipe = recipe_from_args(args)  # the model and data sections (data.recipe)
+    if recipe is None:
         return 2
     cfg = recipe.data
     plan = scan(cfg, known=read_probes(cfg.cache_dir), progress=not args.no_progress,

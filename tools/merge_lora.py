@@ -3,8 +3,9 @@
     python tools/merge_lora.py --base Wan2.1-T2V-1.3B --lora style.safetensors:0.8 \
         --lora detail.safetensors:0.5 --out merged/ [--layout official|comfyui] [--dtype bf16]
 
---base: the official folder (config.json + diffusion_pytorch_model*.safetensors), one
-safetensors file (official names, ComfyUI `model.diffusion_model.` names or diffusers names).
+--base: the official folder (config.json + diffusion_pytorch_model*.safetensors) or its diffusers
+twin, a Hugging Face repo id of either, or one safetensors file (official names, ComfyUI
+`model.diffusion_model.` names or diffusers names).
 --layout official writes a folder (config.json + diffusion_pytorch_model*.safetensors);
 comfyui writes one file with `model.diffusion_model.` keys. Merging is done in float32.
 """
@@ -23,6 +24,7 @@ from wan_model.configs import FLAVOURS, DiTConfig  # noqa: E402
 from wan_model.lora import LoraError, check_all_applied, merge_weight, read_lora  # noqa: E402
 from wan_model.lora import parse_lora_spec as parse_lora_arg  # noqa: E402
 from wan_model.lora_formats import official_dit_names  # noqa: E402
+from wan_model.paths import ModelPaths  # noqa: E402
 from wan_model.loading import (WeightsError, open_weights, save_safetensors_atomic,  # noqa: E402
                                save_sharded_safetensors, write_text_atomic)
 
@@ -83,20 +85,22 @@ def merge(base: Path, loras: list[tuple[str, float]], dtype: torch.dtype | None)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="base DiT folder or safetensors file")
+    parser.add_argument("--base", required=True, help="base DiT: a checkpoint folder, a safetensors file "
+                        "or a Hugging Face repo id (e.g. Wan-AI/Wan2.1-T2V-1.3B)")
     parser.add_argument("--lora", action="append", required=True, metavar="PATH[:STRENGTH]",
                         help="LoRA to merge (repeatable); strength defaults to 1.0")
     parser.add_argument("--out", required=True, help="output folder (official) or .safetensors file (comfyui)")
     parser.add_argument("--layout", choices=("official", "comfyui"), default="official")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the written weights (default: as the base)")
     args = parser.parse_args(argv)
-    base, out = Path(args.base), Path(args.out)
+    out = Path(args.out)
     loras = [parse_lora_arg(a) for a in args.lora]
     if args.layout == "comfyui" and out.suffix != ".safetensors":
         print(f"error: --layout comfyui writes one file: give --out a .safetensors name, not {out}",
               file=sys.stderr)
         return 2
     try:
+        base = Path(ModelPaths(root=args.base).resolve("transformer"))  # a repo id is downloaded
         tensors, shapes = merge(base, loras, DTYPES.get(args.dtype))
         meta = {"wantune.merged_loras": ", ".join(f"{Path(p).name}:{s:g}" for p, s in loras)}
         if args.layout == "comfyui":
@@ -105,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             config = official_config(base, shapes)
             save_sharded_safetensors(tensors, out, metadata=meta)
             write_text_atomic(out / "config.json", json.dumps(config, indent=2))
-    except (LoraError, WeightsError) as e:
+    except (LoraError, WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"merged {len(loras)} LoRA(s) into {base} -> {out} ({args.layout})")
+    print(f"merged {len(loras)} LoRA(s) into {args.base} -> {out} ({args.layout})")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Sample videos from a Wan 2.1 model, optionally with LoRAs.
 
-    python tools/sample.py --root Wan2.1-T2V-1.3B --prompt "a cat surfing" --out cat.mp4
+    python tools/sample.py --root Wan-AI/Wan2.1-T2V-1.3B --prompt "a cat surfing" --out cat.mp4
     python tools/sample.py --root Wan2.1-T2V-1.3B --lora my_lora.safetensors:0.8 \\
         --prompts-file prompts.yaml --out samples/clip.mp4
     python tools/sample.py --root Wan2.1-I2V-14B-480P --image first.png --prompt "..." --out i2v.webm
@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from wan_model.lora import parse_lora_spec as parse_lora  # noqa: E402
 from wan_model.media import write_contact_sheet, write_video  # noqa: E402
 from wan_model.paths import ModelPaths  # noqa: E402
+from wan_model.quiet import quiet_third_party  # noqa: E402
 from wan_model.sampler import (DEFAULTS, PromptSpec, WanSampler, check_frames,  # noqa: E402
                                check_size, default_negative_prompt, default_shift,
                                load_prompts_file, parse_size)
@@ -36,7 +37,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model")
-    m.add_argument("--root", default="", help="folder of an official Wan 2.1 checkpoint")
+    m.add_argument("--root", default="", help="folder or Hugging Face repo id of a Wan 2.1 checkpoint "
+                   "(official or diffusers layout), e.g. Wan-AI/Wan2.1-T2V-1.3B")
     for name in ("transformer", "vae", "text-encoder", "tokenizer", "clip"):
         m.add_argument(f"--{name}", default="", help=f"{name} path (default: inside --root)")
     m.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out", default="samples/sample.mp4", help="output path; the suffix picks the format")
     o.add_argument("--fps", type=float, default=DEFAULTS["t2v"]["fps"])
     o.add_argument("--contact-sheet", action="store_true", help="also write NAME_sheet.png")
+    o.add_argument("--verbose", action="store_true",
+                   help="also show the notices of third-party libraries that are hidden by default")
     return p
 
 
@@ -109,7 +113,7 @@ def output_paths(out: Path, specs: list[PromptSpec]) -> list[Path]:
 def run(a) -> list[Path]:
     specs = collect_specs(a)
     if not (a.root or (a.transformer and a.vae and a.text_encoder and a.tokenizer)):
-        raise ValueError("no model: pass --root (an official checkpoint folder) or all of "
+        raise ValueError("no model: pass --root (a checkpoint folder or repo id) or all of "
                          "--transformer, --vae, --text-encoder and --tokenizer")
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
@@ -118,6 +122,7 @@ def run(a) -> list[Path]:
         resolve_spec(spec, a, "t2v")
     paths = ModelPaths(root=a.root, transformer=a.transformer, vae=a.vae,
                        text_encoder=a.text_encoder, tokenizer=a.tokenizer, clip=a.clip)
+    paths.fetch()  # a repo id: every file first, so a failed download costs no loading time
     sampler = WanSampler.load(paths, device=device, dtype=dtype)
     if a.compile:
         sampler.transformer.compile_blocks()
@@ -151,6 +156,7 @@ def run(a) -> list[Path]:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    quiet_third_party(a.verbose)
     try:
         run(a)
     except (ValueError, OSError, RuntimeError) as e:

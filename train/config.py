@@ -1,8 +1,10 @@
-"""The recipe: a typed YAML schema composed of each layer's own section.
+"""The recipe: a typed YAML schema composed, in this one place, of each layer's own section
+(`model:` from wan_model.paths, `data:` from data.config) and the training ones defined here.
 
-`load_recipe(path, overrides)` merges the YAML and `key=value` overrides onto the schema;
-unknown keys and wrong types are rejected with the key named (and a "did you mean"), then every
-cross-field problem is reported at once. Relative paths are relative to the working directory.
+`load_recipe(path, overrides)` merges the YAML and `key=value` overrides onto the schema
+(data.recipe.load_sections); unknown keys and wrong types are rejected with the key named (and a
+"did you mean"), then every cross-field problem is reported at once. Relative paths are relative
+to the working directory.
 """
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from data.config import DataConfig
+from data.recipe import RecipeError, load_sections  # noqa: F401 (RecipeError: part of this API)
 from wan_model.paths import ModelPaths
 
 DEFAULT_LORA_TARGETS = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
@@ -23,6 +25,9 @@ LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "adafactor", "prodigy")
 SCHEDULERS = ("constant", "cosine", "linear")
 BASE_DTYPES = ("fp32", "bf16", "fp8")
+LOG_LEVELS = ("quiet", "verbose")
+PREVIEW_FORMATS = ("mp4", "webm", "webp", "gif")
+PREVIEW_DECODES = ("auto", "device", "tiled", "cpu")
 
 
 def _f(default, help: str, **kw):
@@ -36,6 +41,9 @@ class RunConfig:
     output_dir: str = _f("runs/wantune", "Folder of this run: checkpoints step-N/, samples/, export/, logs.")
     seed: int = _f(42, "Seed of noise, timesteps and dropout (the data order has data.seed).")
     name: str = _f("", "Run name for trackers and exported metadata (default: the output folder's name).")
+    log_level: str = _f("quiet", "quiet: notices of third-party libraries that ask nothing of you are "
+                                 "hidden (the list is in wan_model/quiet.py); verbose: everything they "
+                                 "print (as --verbose).")
 
 
 @dataclass
@@ -98,15 +106,27 @@ class TrainConfig:
     max_steps: int = _f(1000, "Optimizer steps to train.")
     grad_accum: int = _f(1, "Micro-batches per optimizer step.")
     mixed_precision: str = _f("bf16", "bf16 (autocast) or no (float32; CPU tests).")
-    base_dtype: str = _f("bf16", "dtype of the frozen base weights for LoRA: fp32, bf16 or fp8 "
-                                 "(e4m3 with per-row scales, upcast on use). Full training keeps fp32.")
-    gradient_checkpointing: bool = _f(True, "Recompute block activations in backward (saves memory).")
-    checkpoint_mode: str = _f("selective", "full (recompute whole blocks) or selective (keep each "
-                                           "block's self-attention output, recompute the rest).")
-    selective_blocks: int = _f(-1, "With checkpoint_mode=selective, only the first N blocks keep "
-                                   "their attention output (-1 = all); fewer saves memory.")
-    checkpoint_offload: bool = _f(False, "Keep checkpointed activations in host memory.")
-    block_swap: int = _f(0, "Blocks kept in host memory and streamed to the GPU (for small cards).")
+    memory: str = _f("auto", "auto: plan the memory levers left null below (checkpointing, kept "
+                             "attention, offload, block swap, fp8 base) for the card's free memory "
+                             "or memory_gib; off: null levers take the fast defaults (selective "
+                             "checkpointing, nothing offloaded or swapped, bf16 base).")
+    memory_gib: float = _f(0.0, "Plan for this many GiB of device memory instead of what the card "
+                                "has free (0 = the free memory).")
+    base_dtype: Optional[str] = _f(None, "dtype of the frozen base weights for LoRA: fp32, bf16 or fp8 "
+                                         "(e4m3 with per-row scales, upcast on use); null = planned "
+                                         "(bf16 unless only fp8 fits). Full training keeps fp32.")
+    gradient_checkpointing: Optional[bool] = _f(None, "Recompute block activations in backward "
+                                                      "(saves memory); null = planned.")
+    checkpoint_mode: Optional[str] = _f(None, "full (recompute whole blocks) or selective (keep "
+                                              "each block's self-attention output, recompute the "
+                                              "rest); null = planned.")
+    selective_blocks: Optional[int] = _f(None, "With checkpoint_mode=selective, only the first N "
+                                               "blocks keep their attention output (-1 = all); "
+                                               "null = planned.")
+    checkpoint_offload: Optional[int] = _f(None, "The first N blocks keep their checkpointed inputs "
+                                                 "in host memory (-1 = all, 0 = none); null = planned.")
+    block_swap: Optional[int] = _f(None, "Blocks (from the last) whose frozen weights stay in host "
+                                         "memory and are streamed to the GPU (0 = none); null = planned.")
     attention_backend: str = _f("auto", "auto, sdpa, cudnn, flash, efficient, math or flash_attn.")
     compile: bool = _f(False, "torch.compile each transformer block.")
     sequence_parallel: int = _f(1, "GPUs that share each sample's tokens (DeepSpeed-Ulysses attention); "
@@ -143,6 +163,11 @@ class ValidationConfig:
     negative_prompt: Optional[str] = _f(None, "Negative prompt (null = the official default).")
     fps: int = _f(16, "Frame rate of the written previews.")
     format: str = _f("mp4", "mp4, webm, webp or gif.")
+    decode: str = _f("auto", "Where previews are decoded: device (the float32 VAE on the GPU for the "
+                             "render), tiled (on the GPU in spatial tiles: a fraction of the memory, "
+                             "seams blended), cpu (latents to the host, decoded there; the VAE, and "
+                             "CLIP for I2V, never visit the GPU; slow) or auto (the memory planner's "
+                             "choice; device where none runs).")
 
 
 @dataclass
@@ -160,6 +185,8 @@ class TrackingConfig:
     wandb: bool = _f(False, "Log to Weights & Biases (set WANDB_MODE=offline to log without network).")
     tensorboard: bool = _f(True, "Log to TensorBoard under run.output_dir/logs.")
     project: str = _f("wantune", "Tracker project name.")
+    sample_keys: bool = _f(True, "Write the cache keys of the samples trained since the previous "
+                           "row (all ranks, in data order) to metrics.jsonl as data/keys.")
 
 
 @dataclass
@@ -182,18 +209,22 @@ class Recipe:
         if not self.data.cache_dir:
             out.append("data.cache_dir is empty: set the folder for cached latents")
         t = self.train
-        choices = [("train.mode", t.mode, ("lora", "full")),
+        choices = [("run.log_level", self.run.log_level, LOG_LEVELS),
+                   ("train.mode", t.mode, ("lora", "full")),
                    ("train.mixed_precision", t.mixed_precision, ("bf16", "no")),
-                   ("train.base_dtype", t.base_dtype, BASE_DTYPES),
-                   ("train.checkpoint_mode", t.checkpoint_mode, ("full", "selective")),
+                   ("train.memory", t.memory, ("auto", "off")),
+                   ("train.base_dtype", t.base_dtype, BASE_DTYPES + (None,)),
+                   ("train.checkpoint_mode", t.checkpoint_mode, ("full", "selective", None)),
                    ("train.timestep.sampling", t.timestep.sampling, TIMESTEP_SAMPLINGS),
                    ("train.timestep.loss_weighting", t.timestep.loss_weighting, LOSS_WEIGHTINGS),
                    ("train.optim.name", t.optim.name, OPTIMIZERS),
                    ("train.optim.scheduler", t.optim.scheduler, SCHEDULERS),
-                   ("export.dtype", self.export.dtype, ("fp32", "bf16", "fp16"))]
+                   ("validation.decode", self.validation.decode, PREVIEW_DECODES),
+                   ("export.dtype", self.export.dtype, ("fp32", "bf16", "fp16")),
+                   ("validation.format", self.validation.format, PREVIEW_FORMATS)]
         for key, value, allowed in choices:
             if value not in allowed:
-                out.append(f"{key}={value!r}: choose one of {', '.join(allowed)}")
+                out.append(f"{key}={value!r}: choose one of {', '.join(a for a in allowed if a is not None)}")
         if t.max_steps < 1:
             out.append(f"train.max_steps={t.max_steps}: must be >= 1")
         if t.grad_accum < 1:
@@ -206,8 +237,14 @@ class Recipe:
             out.append("lora: rank must be >= 1 and targets non-empty")
         if t.sequence_parallel < 1:
             out.append(f"train.sequence_parallel={t.sequence_parallel}: must be >= 1 (1 = off)")
-        if t.block_swap < 0:
+        if t.block_swap is not None and t.block_swap < 0:
             out.append(f"train.block_swap={t.block_swap}: must be >= 0")
+        if t.memory_gib < 0:
+            out.append(f"train.memory_gib={t.memory_gib}: must be >= 0 (0 = the card's free memory)")
+        for key in ("selective_blocks", "checkpoint_offload"):
+            value = getattr(t, key)
+            if value is not None and value < -1:
+                out.append(f"train.{key}={value}: -1 (all), 0 or a number of blocks")
         if t.mode == "full" and t.base_dtype == "fp8":
             out.append("train.base_dtype=fp8 is for LoRA only: full fine-tuning trains the weights themselves")
         v = self.validation
@@ -221,45 +258,9 @@ class Recipe:
         return out
 
 
-class RecipeError(ValueError):
-    pass
-
-
-def _explain(e: OmegaConfBaseException, where: str) -> str:
-    key = getattr(e, "full_key", "") or ""
-    msg = str(e).splitlines()[0]  # omegaconf's own text already says "Did you mean ...?"
-    if isinstance(e, ConfigKeyError):
-        return f"{where}: unknown key {key!r}: {msg}"
-    if isinstance(e, ValidationError):
-        return f"{where}: wrong type for {key!r}: {msg}"
-    return f"{where}: {msg} (key {key!r})"
-
-
 def load_recipe(path: str, overrides=()) -> Recipe:
     """Read a recipe YAML plus `key=value` overrides into a validated `Recipe`."""
-    schema = OmegaConf.structured(Recipe)
-    try:
-        user = OmegaConf.load(path)
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file") from None
-    except Exception as e:
-        raise RecipeError(f"{path}: not valid YAML ({e})") from e
-    try:
-        merged = OmegaConf.merge(schema, user)
-    except OmegaConfBaseException as e:
-        raise RecipeError(_explain(e, str(path))) from None
-    for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"override {item!r}: write overrides as key=value, e.g. train.max_steps=100")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
-            raise RecipeError(_explain(e, f"override {item!r}")) from None
-    recipe: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    problems = recipe.problems()
-    if problems:
-        raise RecipeError(f"{path}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
-    return recipe
+    return load_sections(Recipe, path, overrides)
 
 
 def to_yaml(recipe: Recipe) -> str:

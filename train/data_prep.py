@@ -5,26 +5,37 @@ compared with the cache manifest, and whatever is new or changed is encoded firs
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from data.cache import (build_cache, cache_settings, conditioning_is_i2v, model_encoders,
                         model_identity, scan_with_report, verify_cache)
+from data.cache_files import MANIFEST
 from data.report import bucket_table
 
 
-def prepare_cache(recipe, acc) -> tuple[dict, str]:
+def scan_corpus(recipe, acc):
+    """The corpus scan and its report; an error when nothing is usable."""
+    plan = scan_with_report(recipe.data, acc)
+    if not plan.items:
+        raise ValueError(f"nothing usable to train on in {[s.path for s in recipe.data.sources]}: "
+                         "see the dataset report above (tools/inspect_dataset.py RECIPE)")
+    return plan
+
+
+def prepare_cache(recipe, acc, plan=None) -> tuple[dict, str]:
     """Returns (the cache settings training must find, a one-line dataset summary)."""
     cfg, paths = recipe.data, recipe.model
     i2v = conditioning_is_i2v(cfg, paths)
-    plan = scan_with_report(cfg, acc)
-    if not plan.items:
-        raise ValueError(f"nothing usable to train on in {[s.path for s in cfg.sources]}: "
-                         "see the dataset report above (tools/inspect_dataset.py RECIPE)")
+    plan = plan if plan is not None else scan_corpus(recipe, acc)
     settings = cache_settings(cfg, model_identity(paths, i2v), i2v)
     try:
         stale = verify_cache(plan, settings)
     except Exception as e:  # no manifest yet
         stale = [str(e)]
     if stale:
-        acc.print(f"cache: {len(stale)} item(s) to (re)build, e.g. {stale[0]}")
+        first = not (Path(cfg.cache_dir).expanduser() / MANIFEST).exists()
+        acc.print(f"cache: building {cfg.cache_dir}" if first else
+                  f"cache: {len(stale)} item(s) to (re)build, e.g. {stale[0]}")
         encoders = model_encoders(paths, cfg, i2v, acc.device)
         run = build_cache(plan, encoders, i2v, acc.process_index, acc.num_processes,
                           progress=acc.is_main_process, barrier=acc.wait_for_everyone)

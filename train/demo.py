@@ -4,12 +4,11 @@ Both are written only where missing, so re-running the demo reuses them (and its
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from wan_model.loading import write_text_atomic
+from wan_model.atomic import atomic_path, write_text_atomic
 
 SHAPES = ("circle", "square")
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 230), "yellow": (240, 220, 40)}
@@ -43,8 +42,7 @@ def write_clip(path: Path, shape: str, colour: str, motion: str, frames: int = 3
 
     w, h = size
     r = max(3, min(w, h) // 6)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.mp4")
-    with av.open(str(tmp), "w") as out:
+    with atomic_path(path, keep_suffix=True) as tmp, av.open(str(tmp), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for i in range(frames):
@@ -54,7 +52,6 @@ def write_clip(path: Path, shape: str, colour: str, motion: str, frames: int = 3
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
-    os.replace(tmp, path)
 
 
 def write_corpus(folder: str | Path, num_clips: int = 6, seed: int = 0) -> Path:

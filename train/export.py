@@ -6,10 +6,9 @@ from pathlib import Path
 import torch
 
 from wan_model.configs import flavour_of
+from wan_model.hub import OFFICIAL_REPOS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BASE_MODEL_IDS = {"t2v-1.3B": "Wan-AI/Wan2.1-T2V-1.3B", "t2v-14B": "Wan-AI/Wan2.1-T2V-14B",
-                  "i2v-14B": "Wan-AI/Wan2.1-I2V-14B-480P"}
 SUFFIX = {"wantune": "", "comfyui": "_comfyui", "diffusers": "_diffusers", "kohya": "_kohya",
           "diffusion-pipe": "_diffusion_pipe", "diffsynth": "_diffsynth"}
 
@@ -26,6 +25,15 @@ def training_metadata(recipe, dit_cfg, step: int, dataset_summary: str) -> dict[
     }
 
 
+def base_model_id(root: str, flavour: str) -> str:
+    """The published repo a LoRA was trained on: model.root when it names one (its diffusers twin
+    counts as the same base), else the flavour's repo (I2V: the 480P one), else the flavour."""
+    official = root.removesuffix("-Diffusers")
+    if official in OFFICIAL_REPOS.values():
+        return official
+    return OFFICIAL_REPOS.get("i2v-14B-480p" if flavour == "i2v-14B" else flavour, flavour)
+
+
 def export_lora(recipe, dit_cfg, out_dir: Path, step: int, dataset_summary: str,
                 lora_tensors: dict[str, torch.Tensor]) -> list[Path]:
     from wan_model.lora import lora_from_peft, lora_metadata, write_lora
@@ -35,7 +43,7 @@ def export_lora(recipe, dit_cfg, out_dir: Path, step: int, dataset_summary: str,
     dtype = DTYPES[recipe.export.dtype]
     tensors = {k: v.detach().to("cpu", dtype) for k, v in lora_tensors.items()}
     lora = lora_from_peft(tensors, alpha=recipe.lora.alpha, rank=recipe.lora.rank)
-    meta = lora_metadata(BASE_MODEL_IDS.get(flavour, flavour), recipe.lora.rank, recipe.lora.alpha,
+    meta = lora_metadata(base_model_id(recipe.model.root, flavour), recipe.lora.rank, recipe.lora.alpha,
                          title=recipe.export.title or name, trigger_words=list(recipe.export.trigger_words),
                          resolution=f"{recipe.validation.width}x{recipe.validation.height}",
                          training=training_metadata(recipe, dit_cfg, step, dataset_summary))

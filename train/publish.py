@@ -10,18 +10,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from wan_model.hub import OFFICIAL_REPOS
 from wan_model.lora import FORMATS, inspect, read_lora, scrub_metadata, scrub_paths, write_lora
-from wan_model.loading import write_text_atomic
+from wan_model.atomic import copy_file_atomic, write_text_atomic
 
-HF_BASE_MODELS = {"t2v-1.3B": "Wan-AI/Wan2.1-T2V-1.3B", "t2v-14B": "Wan-AI/Wan2.1-T2V-14B",
-                  "i2v-14B-480p": "Wan-AI/Wan2.1-I2V-14B-480P",
-                  "i2v-14B-720p": "Wan-AI/Wan2.1-I2V-14B-720P"}
+HF_BASE_MODELS = OFFICIAL_REPOS  # key -> repo id
 CIVITAI_BASE_MODELS = {"t2v-1.3B": "Wan Video 1.3B t2v", "t2v-14B": "Wan Video 14B t2v",
                        "i2v-14B-480p": "Wan Video 14B i2v 480p", "i2v-14B-720p": "Wan Video 14B i2v 720p"}
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".webp")
@@ -86,7 +84,7 @@ def preview_prompts(previews: list[Path], recipe: dict) -> dict[str, str]:
 
 def base_model_key(flavour_or_id: str, resolution: str = "") -> str:
     """A flavour (`t2v-1.3B`), hub id or metadata value -> a key of HF_BASE_MODELS."""
-    v = flavour_or_id.strip()
+    v = flavour_or_id.strip().removesuffix("-Diffusers")  # a twin is the same base model
     for key, repo in HF_BASE_MODELS.items():
         if v in (key, repo) or v.lower() == repo.lower():
             return key
@@ -241,8 +239,7 @@ def build_publish_folder(inp: PublishInputs, out: Path) -> Path:
     for p in inp.previews:
         if not p.exists():
             raise PublishError(f"preview {p} does not exist")
-        (out / "previews").mkdir(exist_ok=True)
-        shutil.copyfile(p, out / "previews" / p.name)
+        copy_file_atomic(p, out / "previews" / p.name)
         names.append(p.name)
     if inp.recipe is not None:
         recipe = redact(_load_recipe(inp.recipe))
@@ -261,7 +258,7 @@ def civitai_package(inp: PublishInputs, out: Path) -> Path:
                metadata=scrub_metadata(lora.metadata))
     images = []
     for p in inp.previews:
-        shutil.copyfile(p, out / "previews" / p.name)
+        copy_file_atomic(p, out / "previews" / p.name)
         images.append({"file": f"previews/{p.name}", "meta": {"prompt": inp.prompts.get(p.name, "")}})
     info = inspect(lora)
     fp = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(info["dtype"][0], info["dtype"][0])

@@ -6,6 +6,8 @@ import math
 import time
 from pathlib import Path
 
+from wan_model.atomic import append_line, drop_partial_line
+
 
 class Tracker:
     def __init__(self, recipe, recipe_dict: dict, enabled: bool, start_step: int):
@@ -17,11 +19,13 @@ class Tracker:
         self.step_times: list[float] = []
         self.preview_times: list[tuple[int, float]] = []  # (step, seconds per render)
         self.held_peak: float | None = None  # training's peak, set aside while a preview renders
+        self.predicted_gib: float | None = None  # the memory planner's prediction of the step's peak
         if not enabled:
             return
         out = Path(recipe.run.output_dir)
         name = recipe.run.name or out.name
         self.metrics_file = out / "metrics.jsonl"
+        drop_partial_line(self.metrics_file)  # a killed run may have stopped mid-line
         if recipe.tracking.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -37,7 +41,8 @@ class Tracker:
         self.bar = tqdm(total=recipe.train.max_steps, initial=start_step, desc="train", unit="step",
                         dynamic_ncols=True)
 
-    def step(self, step: int, loss: float, lr: float, log: bool) -> None:
+    def step(self, step: int, loss: float, lr: float, log: bool, extra: dict | None = None) -> None:
+        """`extra`: more fields of the step's metrics.jsonl row (e.g. the sample keys trained)."""
         now = time.perf_counter()
         self.step_times.append(now - self.t_last)
         self.t_last = now
@@ -51,8 +56,15 @@ class Tracker:
             peak = self.take_peak_gib()
             if peak is not None:
                 metrics["memory/peak_gib"] = peak  # since the last log
-            with self.metrics_file.open("a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+                if self.predicted_gib is not None:
+                    metrics["memory/predicted_gib"] = self.predicted_gib
+                    if not self.step_times[:-1]:  # the first step: say how the plan held
+                        self.bar.write(f"memory: the first step peaked at {peak:.2f} GiB "
+                                       f"(predicted {self.predicted_gib:.2f} GiB)")
+            rss = host_rss_mib()
+            if rss is not None:
+                metrics["memory/host_rss_mib"] = rss  # a leak over hours shows here
+            append_line(self.metrics_file, json.dumps({"step": step, **metrics, **(extra or {})}))
             if self.tb:
                 for k, v in metrics.items():
                     self.tb.add_scalar(k, v, step)
@@ -70,8 +82,7 @@ class Tracker:
             row = {"step": step, "validation/seconds": seconds, "validation/videos": len(paths)}
             if peak_gib is not None:
                 row["validation/peak_gib"] = peak_gib
-            with self.metrics_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(self.metrics_file, json.dumps(row))
             if self.tb:
                 self.tb.add_scalar("validation/seconds", seconds, step)
         if self.wandb:
@@ -82,6 +93,20 @@ class Tracker:
                 log["validation"] = [wandb.Video(str(p), caption=p.stem) for p in paths]
             if log:
                 self.wandb.log(log, step=step)
+
+    def log_checkpoint(self, step: int, seconds: float, run_dir: Path) -> None:
+        """A written checkpoint: its seconds, the size of the kept step-N/ folders (bounded by
+        checkpoint.keep_last) and of the whole run folder (previews and logs add to it)."""
+        if not self.enabled:
+            return
+        kept = sum(folder_mib(p) for p in Path(run_dir).glob("step-*"))
+        row = {"step": step, "checkpoint/seconds": seconds, "checkpoint/run_dir_mib": folder_mib(run_dir),
+               "checkpoint/kept_mib": kept}
+        append_line(self.metrics_file, json.dumps(row))
+        if self.tb:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, step)
 
     def take_peak_gib(self) -> float | None:
         """Peak CUDA memory of training since the last call (the allocator's counter, no sync)."""
@@ -121,6 +146,30 @@ def _take_peak_gib() -> float | None:
     peak = torch.cuda.max_memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
     return peak
+
+
+def host_rss_mib() -> float | None:
+    """This process's resident host memory (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def folder_mib(folder: Path) -> float:
+    """Bytes of every file under `folder`, in MiB."""
+    total = 0
+    for p in Path(folder).rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink():
+                total += p.stat().st_size
+        except OSError:  # removed while walking (pruning, a temporary renamed)
+            pass
+    return total / 2**20
 
 
 def check_finite(loss: float, step: int) -> None:

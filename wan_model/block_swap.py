@@ -18,6 +18,9 @@ L-1..0, so while block i runs the next swapped block in the current direction is
 swapped blocks are the last N, so the turn from forward to backward reuses the copy of block L-1.
 
 On a CPU device the same code path runs with plain copies and no streams (tests use it).
+
+The umT5 text encoder streams all its blocks the same way (forward only, `host_modules` keeps
+its 2 GB embedding table on the host, where it is only gathered from).
 """
 from __future__ import annotations
 
@@ -43,8 +46,53 @@ class _Entry:
     host: torch.Tensor
 
 
+class HostPool:
+    """Where the host copies of swapped weights live (pinned for CUDA).
+
+    torch's pinned allocator rounds every request up to a power of two, so weights pinned one
+    by one hold up to twice their size (an 84 MB umT5 FFN weight takes 128 MB, a 142 MB 14B
+    one 256 MB); `bytes()` counts that. `packed` instead fills a few buffers of one power-of-two
+    size first-fit, losing only their unused tails; the copies then share storage, so it is for
+    weights that are never saved from the model (the streamed text encoder)."""
+
+    ARENA = 256 * 2**20
+    ALIGN = 512  # bytes: every packed copy starts aligned for any dtype and for fast DMA
+
+    def __init__(self, total: int, pinned: bool, packed: bool = False):
+        self.pinned, self.packed = pinned, packed
+        # tiny models (tests) get one small buffer, not a quarter of a gigabyte
+        self.arena = min(self.ARENA, _pow2(total))
+        self.buffers: list[list] = []  # packed: [uint8 tensor, bytes used]
+        self.single = 0  # bytes held by copies made one by one
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        nbytes = t.numel() * t.element_size()
+        if not self.packed:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pinned)
+            self.single += _pow2(nbytes) if self.pinned else nbytes
+        else:
+            need = -(-nbytes // self.ALIGN) * self.ALIGN
+            slot = next((b for b in self.buffers if b[1] + need <= b[0].numel()), None)
+            if slot is None:  # a tensor larger than the arena gets a buffer of its own size
+                slot = [torch.empty(max(self.arena, _pow2(need)), dtype=torch.uint8,
+                                    pin_memory=self.pinned), 0]
+                self.buffers.append(slot)
+            start, slot[1] = slot[1], slot[1] + need
+            host = slot[0][start:start + nbytes].view(t.dtype).view(t.shape)
+        host.copy_(t.detach())
+        return host
+
+    def bytes(self) -> int:
+        return self.single + sum(b[0].numel() for b in self.buffers)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 1).bit_length()
+
+
 class BlockSwap:
-    def __init__(self, model: nn.Module, n_blocks: int, device, prefetch: bool = True):
+    def __init__(self, model: nn.Module, n_blocks: int, device, prefetch: bool = True,
+                 host_modules: tuple[str, ...] = (), packed_host: bool = False):
         blocks = getattr(model, "blocks", None)
         if blocks is None:
             raise ValueError("block swap needs a model with a `blocks` ModuleList (the Wan DiT)")
@@ -57,8 +105,13 @@ class BlockSwap:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.cuda = self.device.type == "cuda"
         self.prefetch_enabled = prefetch
+        self.host_modules = tuple(host_modules)
         self.num_blocks = len(blocks)
         self.swapped = list(range(len(blocks) - n_blocks, len(blocks)))
+        frozen = sum(t.numel() * t.element_size() for i in self.swapped for m in blocks[i].modules()
+                     for t in [*m._parameters.values(), *m._buffers.values()]
+                     if t is not None and not t.requires_grad)
+        self.pool = HostPool(frozen, pinned=self.cuda, packed=packed_host)
         self.entries: dict[int, list[_Entry]] = {i: self._to_host(blocks[i]) for i in self.swapped}
         self._move_rest_to_device()
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -102,19 +155,19 @@ class BlockSwap:
         return entries
 
     def _host_copy(self, t: torch.Tensor) -> torch.Tensor:
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
-        host.copy_(t.detach())
-        return host
+        return self.pool.copy(t)
 
     def _move_rest_to_device(self) -> None:
         swapped = {(id(e.module), e.name) for es in self.entries.values() for e in es}
+        on_host = {id(m) for name in self.host_modules for m in self.model.get_submodule(name).modules()}
         for module in self.model.modules():
+            target = torch.device("cpu") if id(module) in on_host else self.device
             for name, p in module._parameters.items():
-                if p is not None and (id(module), name) not in swapped and p.device != self.device:
-                    p.data = p.data.to(self.device)
+                if p is not None and (id(module), name) not in swapped and p.device != target:
+                    p.data = p.data.to(target)
             for name, b in list(module._buffers.items()):
-                if b is not None and (id(module), name) not in swapped and b.device != self.device:
-                    module._buffers[name] = b.to(self.device)
+                if b is not None and (id(module), name) not in swapped and b.device != target:
+                    module._buffers[name] = b.to(target)
 
     # -- transfers -------------------------------------------------------------------------
     def _fetch(self, i: int) -> None:
@@ -244,16 +297,21 @@ class BlockSwap:
         self.entries.clear()
 
     def host_bytes(self) -> int:
-        return sum(e.host.numel() * e.host.element_size() for es in self.entries.values() for e in es)
+        """Host memory the swapped weights hold (pinned on CUDA), buffers' unused tails included."""
+        return self.pool.bytes()
 
 
-def enable_block_swap(model: nn.Module, n_blocks: int, device, prefetch: bool = True) -> BlockSwap:
+def enable_block_swap(model: nn.Module, n_blocks: int, device, prefetch: bool = True,
+                      host_modules: tuple[str, ...] = (), packed_host: bool = False) -> BlockSwap:
     """Keep the frozen weights of the last `n_blocks` blocks in (pinned) host memory and stream
-    them in per call; everything else is moved to `device`. Returns the controller, also kept
+    them in per call; everything else is moved to `device`, except the submodules named in
+    `host_modules`, which stay on the host and compute there; `packed_host` packs the host
+    copies into shared buffers (see HostPool). Returns the controller, also kept
     as `model.block_swap`. Call after LoRA injection / fp8 quantisation, before `block.compile()`."""
     old = getattr(model, "block_swap", None)
     if isinstance(old, BlockSwap):
         old.remove()
-    swap = BlockSwap(model, n_blocks, device, prefetch=prefetch)
+    swap = BlockSwap(model, n_blocks, device, prefetch=prefetch, host_modules=host_modules,
+                     packed_host=packed_host)
     model.block_swap = swap
     return swap

@@ -76,15 +76,8 @@ def describe_config(cfg: DiTConfig) -> str:
     return name or f"a {cfg.model_type} DiT with dim {cfg.dim} and {cfg.num_layers} blocks"
 
 
-def load_transformer(path: str | os.PathLike, dtype: torch.dtype | None = torch.bfloat16,
-                     device: torch.device | str = "cpu", flavour: str | None = None) -> WanModel:
-    """Load the DiT from an official folder, a diffusers `transformer/` folder or one .safetensors.
-
-    `dtype` is the dtype of the Linear/conv weights (None = as stored); the float32 islands
-    (modulation, norms, time embedding, head) stay float32. The model comes back in eval mode with
-    gradients off (the trainer turns on what it trains). `flavour`, if given, must match the file.
-    """
-    path = Path(path)
+def _open_transformer(path: Path) -> tuple[WeightsSource, dict, DiTConfig]:
+    """(source, file name -> official name, config) of a DiT file or folder; reads headers only."""
     files = find_weight_files(path, "DiT")
     source = WeightsSource(files, describe=str(path))
     stripped = strip_prefix(source.keys(), PREFIXES)
@@ -103,10 +96,36 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype | None = torch.
     else:
         names = stripped
     shapes = {names[k]: v for k, v in source.shapes().items()}
-    cfg = config_from_shapes(shapes, _read_config_json(path), str(path))
+    return source, names, config_from_shapes(shapes, _read_config_json(path), str(path))
+
+
+def read_transformer_config(path: str | os.PathLike, flavour: str | None = None) -> DiTConfig:
+    """The DiT's configuration from its files' headers, without reading any weights."""
+    path = Path(path)
+    source, _, cfg = _open_transformer(path)
+    source.close()
+    _check_flavour(cfg, flavour, path)
+    return cfg
+
+
+def _check_flavour(cfg: DiTConfig, flavour: str | None, path: Path) -> None:
     if flavour is not None and flavour_of(cfg) != flavour:
         raise WeightsError(f"{path}: asked for flavour {flavour!r} but the weights are "
                            f"{describe_config(cfg)}; fix model.flavour or the path")
+
+
+def load_transformer(path: str | os.PathLike, dtype: torch.dtype | None = torch.bfloat16,
+                     device: torch.device | str = "cpu", flavour: str | None = None) -> WanModel:
+    """Load the DiT from an official folder, a diffusers `transformer/` folder or one .safetensors.
+
+    `dtype` is the dtype of the Linear/conv weights (None = as stored); the float32 islands
+    (modulation, norms, time embedding, head) stay float32. The model comes back in eval mode with
+    gradients off (the trainer turns on what it trains). `flavour`, if given, must match the file.
+    """
+    path = Path(path)
+    source, names, cfg = _open_transformer(path)
+    _check_flavour(cfg, flavour, path)
+    shapes = {names[k]: v for k, v in source.shapes().items()}
     with torch.device("meta"):
         model = WanModel(cfg)
     check_keys(expected_shapes(model), shapes, str(path), "Wan DiT",

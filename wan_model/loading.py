@@ -16,12 +16,26 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .atomic import save_safetensors_atomic, save_torch_atomic, write_text_atomic  # noqa: F401 (re-exported)
+
 SAFETENSORS_INDEX = ".safetensors.index.json"
 _CHUNK_BYTES = 1 << 20  # dtype conversion while reading goes through a buffer this size
 
 
 class WeightsError(ValueError):
     """A weights file is missing, unreadable, or does not hold what was asked for."""
+
+
+def load_error_summary(e: BaseException) -> str:
+    """The telling line of a torch.load failure: for a file holding pickled code that is the
+    global it wanted to run ("Unsupported global: GLOBAL builtins.exec"), not torch's preamble."""
+    text = str(e)
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            detail = line.split("WeightsUnpickler error:", 1)[1].split(" was not an allowed global")[0]
+            return f"{type(e).__name__}: {detail.strip()[:300]}"  # not torch's advice to allow it
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {first[:300]}"
 
 
 class WeightsSource:
@@ -148,8 +162,7 @@ class _PthFile:
                 sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
             raise WeightsError(
-                f"{path}: cannot be loaded as a weights-only PyTorch file ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:300]}). Either it is truncated or corrupt (download it "
+                f"{path}: cannot be loaded as a weights-only PyTorch file ({load_error_summary(e)}). Either it is truncated or corrupt (download it "
                 "again) or it holds pickled objects beyond tensors, which wantune refuses to "
                 "unpickle for safety: convert it to safetensors with trusted code first") from e
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
@@ -313,46 +326,6 @@ def rename_by_rules(name: str, rules: list[tuple[str, str]]) -> str:
     for pattern, repl in rules:
         name = re.sub(pattern, repl, name)
     return name
-
-
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                            metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file through a temp file + rename, so a crash leaves no half file."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def save_torch_atomic(obj, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_sharded_safetensors(tensors: dict[str, torch.Tensor], folder: str | os.PathLike,

@@ -18,7 +18,7 @@ import torch
 from .convert import dit_name_from_diffusers
 from .lora_formats import (BAKED_ALPHA_FORMATS, FORMATS, detect_format, format_keys,
                            is_linear_module, module_kind, parse_key)
-from .loading import save_safetensors_atomic
+from .loading import load_error_summary, save_safetensors_atomic
 
 __all__ = ["LoraWeights", "Lora", "LoraError", "read_lora", "write_lora", "lora_state_dict",
            "lora_from_peft", "lora_metadata", "merge_weight", "merge_into_state_dict",
@@ -78,7 +78,13 @@ def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             raise LoraError(f"{path}: not a readable safetensors file ({e}); it is probably "
                             "truncated or corrupt: download it again") from e
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise LoraError(f"{path}: cannot be loaded as a weights-only PyTorch file "
+                            f"({load_error_summary(e)}): it is truncated or corrupt, or holds pickled "
+                            "objects beyond tensors, which wantune refuses to unpickle; convert it to "
+                            "safetensors with trusted code first") from e
         if not isinstance(sd, dict):
             raise LoraError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
         return sd, {}
@@ -352,6 +358,11 @@ def apply_loras(model: torch.nn.Module, loras, mode: str = "merge") -> torch.nn.
                     name.startswith(_WEIGHT_READ_MODULES):
                 raise LoraError(f"module {name!r} cannot take a runtime LoRA (DoRA, a conv, or a "
                                 "layer read through its weights); use mode='merge'")
+            shape = tuple(modules[name].weight.shape)
+            if (lw.up.shape[0], lw.down.shape[1]) != shape:
+                raise LoraError(f"LoRA for {name!r} makes a {(lw.up.shape[0], lw.down.shape[1])} change "
+                                f"but the weight is {shape}: the LoRA was trained for another model "
+                                "size (check the base model)")
     hooks = getattr(model, _HOOKS_ATTR, [])
     for lora, strength in pairs:
         for name, lw in lora.weights.items():

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import warnings
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .atomic import atomic_path, replace_dir, temp_path
 
 VIDEO_SUFFIXES = {".mp4": ("libx264", "yuv420p"), ".webm": ("libvpx-vp9", "yuv420p")}
 ANIMATION_SUFFIXES = (".webp", ".gif")
@@ -53,20 +54,10 @@ def _pad_to_even(arr: np.ndarray, path: Path) -> np.ndarray:
     return np.pad(arr, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
 
 
-def _temp_path(path: Path) -> Path:
-    # Keep the suffix: encoders pick the container from it.
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-
-
 def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
+    # Keep the suffix on the temporary: encoders pick the container from it.
+    with atomic_path(path, keep_suffix=True) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _write_av(arr: np.ndarray, tmp: Path, codec: str, pix_fmt: str, fps, crf: int) -> None:
@@ -115,17 +106,16 @@ def _write_png_sequence(arr: np.ndarray, path: Path) -> None:
     else:
         folder, pattern = path.parent, path.name
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # Build every frame in a sibling temp folder, then move them in; a folder target is
-    # swapped in whole, so it never holds a mix of two runs.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    # Build every frame in a sibling temp folder (made with the user's umask), then move them
+    # in; a folder target is swapped in whole, so it never holds a mix of two runs.
+    tmp = temp_path(folder)
     try:
+        tmp.mkdir()
         names = [(pattern % i if "%" in pattern else pattern.format(i)) for i in range(len(arr))]
         for name, frame in zip(names, arr):
             Image.fromarray(frame).save(tmp / name, format="PNG")
         if path.suffix == "":
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
+            replace_dir(tmp, folder)
         else:
             folder.mkdir(parents=True, exist_ok=True)
             for name in names:

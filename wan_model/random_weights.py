@@ -39,13 +39,14 @@ def init_value(name: str, shape: tuple, dtype, device, gen: torch.Generator) -> 
 
 
 def random_fill(model: nn.Module, seed: int, dtype: torch.dtype = torch.float32,
-                device: str = "cpu") -> nn.Module:
-    """Replace every parameter/buffer of a (meta-device) module by a random CPU tensor."""
+                device: str = "cpu", keep_on_device: bool = False) -> nn.Module:
+    """Replace every parameter/buffer of a (meta-device) module by a random tensor drawn on
+    `device`, then moved to the host unless `keep_on_device` (a real-size model for a GPU test)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     params = dict(model.named_parameters())
     for name, t in list(model.state_dict(keep_vars=True).items()):
-        value = init_value(name, tuple(t.shape), dtype, device, gen).cpu()
-        _set_tensor(model, name, value, is_param=name in params)
+        value = init_value(name, tuple(t.shape), dtype, device, gen)
+        _set_tensor(model, name, value if keep_on_device else value.cpu(), is_param=name in params)
     return model
 
 

@@ -13,7 +13,6 @@ one seed, as in the official code), `uncond + g·(cond − uncond)` with the off
 from __future__ import annotations
 
 import difflib
-import gc
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -388,10 +387,10 @@ class WanSampler:
 
     def release_text_encoder(self) -> None:
         """Drop the text encoder (the cached embeddings stay) and free its memory."""
+        from .device_memory import free_memory
+
         self.text_encoder = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
     @torch.no_grad()
     def generate(self, prompts: str | Sequence[str], negative_prompt: str | None = None,
@@ -451,4 +450,10 @@ class WanSampler:
                          progress=progress)
         if return_latents:
             return latents
-        return self.vae.decode(latents.to(_module_device(self.vae))).float().clamp(-1, 1)
+        return decode_latents(self.vae, latents)
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Video [B,3,T,H,W] in [-1,1], decoded wherever the VAE is (the latents follow it: previews
+    decoded on the host never put the VAE on the GPU)."""
+    return vae.decode(latents.to(_module_device(vae))).float().clamp(-1, 1)

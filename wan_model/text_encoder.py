@@ -140,7 +140,8 @@ class UMT5Encoder(nn.Module):
         self.norm = T5LayerNorm(cfg.dim)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.token_embedding(ids)
+        # The streamed placement keeps the 2 GB table on the host: gather there, move the rows.
+        x = self.token_embedding(ids.to(self.token_embedding.weight.device)).to(ids.device)
         length = ids.shape[1]
         buckets = relative_position_buckets(length, length, self.config.num_buckets,
                                             self.config.max_dist, ids.device)
@@ -150,6 +151,11 @@ class UMT5Encoder(nn.Module):
         return self.norm(x)
 
 
+# Where the weights live while encoding (data.text_encoder_device); "auto" is the memory
+# planner's to resolve, and means "device" wherever it arrives unresolved.
+PLACEMENTS = ("auto", "device", "cpu", "stream")
+
+
 class TextEncoder:
     """Prompts -> list of [L_i, dim] embeddings, each cut to its real token count (EOS included)."""
 
@@ -157,9 +163,13 @@ class TextEncoder:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.text_len = text_len or model.config.text_len
+        self.stream = None  # the BlockSwap controller of the streamed placement
 
     @property
     def device(self) -> torch.device:
+        """Where the encoder computes (ids go there, embeddings come back from there)."""
+        if self.stream is not None:
+            return self.stream.device
         return self.model.token_embedding.weight.device
 
     @property
@@ -167,7 +177,33 @@ class TextEncoder:
         return self.model.token_embedding.weight.dtype
 
     def to(self, *args, **kwargs) -> "TextEncoder":
+        if self.stream is not None:
+            raise RuntimeError("this text encoder streams its blocks from the host; place() it "
+                               "instead of moving it")
         self.model.to(*args, **kwargs)
+        return self
+
+    def place(self, placement: str, device: str | torch.device) -> "TextEncoder":
+        """Put the weights where `placement` says, computing on `device`:
+        device (or auto): the whole encoder on `device`;
+        cpu: everything on the host, which computes (`device` is not used);
+        stream: the weights in (pinned) host memory, each block copied to `device` just before
+            it runs, the next one prefetched on a side stream; the embedding table stays on the
+            host. Peak device memory is about two blocks plus activations, and the embeddings
+            are bit-identical to `device` (same kernels, same weights)."""
+        if placement not in PLACEMENTS:
+            raise ValueError(f"text encoder placement {placement!r}: choose one of {', '.join(PLACEMENTS)}")
+        if self.stream is not None:
+            raise RuntimeError("place() was already called with placement stream")
+        if placement in ("auto", "device"):
+            self.model.to(device)
+        elif placement == "cpu":
+            self.model.to("cpu")
+        else:
+            from .block_swap import enable_block_swap
+
+            self.stream = enable_block_swap(self.model, len(self.model.blocks), device,
+                                            host_modules=("token_embedding",), packed_host=True)
         return self
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,6 +225,8 @@ class TextEncoder:
         ids, mask = self.tokenize(list(prompts))
         lengths = mask.sum(dim=1).tolist()  # on the CPU: no device sync
         hidden = self.model(ids.to(self.device), mask.to(self.device))
+        if self.stream is not None:  # every caption of the batch went through each block once;
+            self.stream.release()  # between calls the device holds no block
         return [h[:n] for h, n in zip(hidden, lengths)]
 
     __call__ = encode
@@ -223,8 +261,11 @@ def _read_folder_config(path: Path) -> dict | None:
 
 def load_text_encoder(path: str | os.PathLike, tokenizer_path: str | os.PathLike,
                       dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-                      text_len: int = 512) -> TextEncoder:
-    """An official `.pth`, a transformers `text_encoder/` folder or a ComfyUI `.safetensors`."""
+                      text_len: int = 512, placement: str = "device") -> TextEncoder:
+    """An official `.pth`, a transformers `text_encoder/` folder or a ComfyUI `.safetensors`,
+    computing on `device` with the weights placed as `placement` says (see TextEncoder.place)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"text encoder placement {placement!r}: choose one of {', '.join(PLACEMENTS)}")
     path = Path(path)
     source = open_weights(path, COMPONENT, stems=("model",))
     if any(k == "scaled_fp8" or k.endswith(".scale_weight") for k in source.keys()):
@@ -254,6 +295,8 @@ def load_text_encoder(path: str | os.PathLike, tokenizer_path: str | os.PathLike
     with torch.device("meta"):
         model = UMT5Encoder(cfg)
     check_keys(expected_shapes(model), official_shapes, str(path), COMPONENT)
-    assign_weights(model, source, file_names, dtype=dtype, device=device)
+    # cpu and stream read to the host: the whole encoder never visits the device
+    load_device = device if placement in ("auto", "device") else "cpu"
+    assign_weights(model, source, file_names, dtype=dtype, device=load_device)
     source.close()
-    return TextEncoder(model, load_tokenizer(tokenizer_path), text_len)
+    return TextEncoder(model, load_tokenizer(tokenizer_path), text_len).place(placement, device)

@@ -14,7 +14,8 @@ import os
 import re
 from pathlib import Path
 
-from .loading import WeightsError, write_text_atomic
+from .atomic import write_bytes_atomic, write_text_atomic
+from .loading import WeightsError
 
 PAD_ID = 0
 EOS_ID = 1
@@ -84,9 +85,7 @@ def write_tiny_tokenizer(folder: str | os.PathLike, vocab_size: int = 512) -> Pa
     folder.mkdir(parents=True, exist_ok=True)
     lines = [ln for ln in CORPUS.read_text(encoding="utf-8").splitlines() if ln.strip()]
     model = _train_sentencepiece(lines, vocab_size)
-    tmp = folder / f".spiece.model.tmp-{os.getpid()}"
-    tmp.write_bytes(model)
-    os.replace(tmp, folder / "spiece.model")
+    write_bytes_atomic(folder / "spiece.model", model)
     special = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
     config = {"tokenizer_class": "T5Tokenizer", **special, "extra_ids": 0,
               "additional_special_tokens": [], "model_max_length": 512}

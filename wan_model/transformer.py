@@ -128,14 +128,12 @@ class WanAttentionBlock(nn.Module):
                                  nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, e0, context, rope, compute_dtype, ckpt: str | None = None,
-                offload: bool = False):
+    def forward(self, x, e0, context, rope, compute_dtype, ckpt: str | None = None):
         """x [B,L,dim] float32 residual stream; e0 [B,6,dim] float32. With `ckpt` ("full" or
         "selective") the block's activations are checkpointed; the checkpoint sits inside
         forward so that a compiled block compiles it too."""
         if ckpt is not None:
-            return checkpointing.run(self._forward, x, e0, context, rope, compute_dtype,
-                                     mode=ckpt, offload=offload)
+            return checkpointing.run(self._forward, x, e0, context, rope, compute_dtype, mode=ckpt)
         return self._forward(x, e0, context, rope, compute_dtype)
 
     def _forward(self, x, e0, context, rope, compute_dtype):
@@ -200,7 +198,7 @@ class WanModel(nn.Module):
         self.gradient_checkpointing = False
         self.checkpoint_mode = "full"  # or "selective": keep self-attention outputs
         self.selective_blocks = -1  # selective: only the first N blocks keep them (-1 = all)
-        self.checkpoint_offload = False  # keep checkpointed activations in host memory
+        self.offload_blocks = 0  # the first N blocks keep their checkpointed inputs in host memory (-1 = all)
         self.sequence_parallel = None  # set by wan_model.sequence_parallel.attach
 
     # -- helpers -------------------------------------------------------------------------------
@@ -238,13 +236,25 @@ class WanModel(nn.Module):
                           self.time_projection[1].bias.float())
         return e, e0.unflatten(1, (6, self.cfg.dim))
 
+    def keeps_attention(self, index: int) -> bool:
+        """Whether block `index` keeps its self-attention output (selective checkpointing)."""
+        return self.selective_blocks < 0 or index < self.selective_blocks
+
+    def offloads(self, index: int) -> bool:
+        """Whether block `index` keeps its checkpointed inputs in host memory."""
+        return self.offload_blocks < 0 or index < self.offload_blocks
+
     def _run_block(self, index, block, x, e0, context, rope, dtype):
         if not (self.gradient_checkpointing and torch.is_grad_enabled()):
             return block(x, e0, context, rope, dtype)
         mode = self.checkpoint_mode
-        if mode == "selective" and 0 <= self.selective_blocks <= index:
+        if mode == "selective" and not self.keeps_attention(index):
             mode = "full"  # memory is tight: the later blocks recompute their attention
-        return block(x, e0, context, rope, dtype, mode, self.checkpoint_offload)
+        if not self.offloads(index):
+            return block(x, e0, context, rope, dtype, mode)
+        rope_parts = rope if isinstance(rope, (tuple, list)) else (rope,)
+        with checkpointing.HostOffload(x, e0, context, *rope_parts):  # outside the compiled block
+            return block(x, e0, context, rope, dtype, mode)
 
     def compile_blocks(self, **kwargs) -> None:
         """torch.compile every block (one compiled graph serves all of them: same code, the

@@ -1,4 +1,4 @@
-"""FLOP counts of a Wan DiT step (the convention is written out in bench/NOTES.md).
+"""FLOP counts of a Wan DiT step (the benchmark and the memory planner; convention in bench/NOTES.md).
 
 Forward FLOPs count matrix products only (2 per multiply-add): the block Linears, the attention
 products (QK^T and PV: 4*Lq*Lk*dim per attention), the text MLP, patch embedding and head, and

@@ -1,0 +1,583 @@
+"""The memory planner: the fastest training plan that fits the card, or why none does.
+
+`train.memory: auto` (or `train.memory_gib: N`) hands the memory levers to this module: whether
+blocks are checkpointed, how many keep their self-attention output (selective checkpointing),
+how many keep their checkpointed inputs in host memory (offload), how many blocks' frozen
+weights live in host memory and are streamed in (block swap), and for LoRA whether the frozen
+base is stored in fp8. Settings written in the recipe are never changed; the planner only fills
+in what is left to it (`null` in the schema).
+
+How a plan's peak is predicted (`Planner.estimate`):
+- weights, trained parameters and optimizer state: counted exactly from the model built on the
+  meta device with the plan's dtypes and adapters (swapped blocks leave the device, two blocks'
+  copies in flight come back);
+- activations, gradients and every transient of forward and backward: the step itself is run
+  on fake tensors at the real size (`train/memory_trace.py`), one block per run of identical
+  blocks, the rest added by arithmetic. This is exact for eager blocks; compiled blocks keep
+  fewer intermediates, which a factor measured on the GPU accounts for (`COMPILED_TRANSIENT`).
+A plan fits when its prediction, with a margin for the allocator and the libraries' own
+buffers, is under the budget, and the host memory it pins (swapped weights, offloaded
+checkpoints, the host copy a swapped model is loaded through) is under the host's free RAM.
+
+How plans are ranked: a step-time model from FLOPs and the device's rates (matmul, attention,
+host<->device copies; measured in a second on a GPU): recomputed attention where no output is
+kept, offload traffic, swap traffic not hidden under compute, swapped blocks running uncompiled.
+fp8 base weights round the frozen weights (about 3% per element), so a bf16 plan is preferred
+unless no bf16 plan fits or it is more than `FP8_PREFERENCE` slower.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from wan_model.flops import latent_grid
+
+from .memory_trace import BlockKind, StepSetup, StepTrace, build_meta_model, trace_step
+
+GIB = 2**30
+# Every kind a checkpointed block can be, in model order; one traced block each serves all plans.
+KINDS = [BlockKind(keep_attention=True, offload=True), BlockKind(keep_attention=True),
+         BlockKind(offload=True), BlockKind()]
+# Compiled blocks: their backward transient over the eager one's (measured on an H200 with the
+# shipped fast path; see bench/NOTES.md). Eager (and CPU) runs use 1.0.
+COMPILED_TRANSIENT = 0.85
+# A plan fits when predicted * (1 + MARGIN) + RESERVE <= budget: the caching allocator's
+# fragmentation and the CUDA libraries' workspaces are not tensors the trace can see.
+MARGIN, RESERVE_GIB = 0.06, 0.5
+HOST_RESERVE_GIB = 4.0  # host RAM left to the process itself (libraries, data loading, the OS)
+FP8_PREFERENCE = 0.05  # an fp8 plan must be this much faster than the best bf16 one to win
+# cuDNN's attention backward keeps float32 accumulators beside the tensors the trace sees: about
+# this many float32 copies of the [tokens, dim] activation (measured on an H200, 1.3B width);
+# eager blocks (and swapped ones, which run eager) about half as many (fit to the H200 runs of
+# 2026-11-30: eager 1.3B cases +4..5% and swapped ones +12..15% with the compiled figure).
+ATTENTION_WORKSPACE = 4.5
+ATTENTION_WORKSPACE_EAGER = 2.25
+# An offloaded checkpoint goes to the host on a side stream, under compute; the copy back in the
+# backward pass waits on the compute stream, at about this fraction of the measured copy rate.
+OFFLOAD_EFFICIENCY = 0.8
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "paged_adamw": 8.0, "adamw8bit": 2.0, "paged_adamw8bit": 2.0,
+                         "adafactor": 0.0, "prodigy": 16.0}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The memory levers of a training step; `None` in a recipe means the planner picks."""
+    checkpointing: bool = True
+    keep_attention: int = 0  # blocks (from the first) keeping their self-attention output
+    offload: int = 0  # blocks (from the first) whose checkpointed inputs live in host memory
+    block_swap: int = 0  # blocks (from the last) whose frozen weights live in host memory
+    base_dtype: str = "bf16"
+
+    def counts(self, n: int) -> list[int]:
+        """Blocks of each kind of `KINDS`, in the order the model runs them: first those that
+        keep attention and offload, then those doing one of the two, then the rest."""
+        if not self.checkpointing:
+            return [n]
+        k, o = min(self.keep_attention, n), min(self.offload, n)
+        return [min(k, o), max(k - o, 0), max(o - k, 0), n - max(k, o)]
+
+    def describe(self, n: int) -> str:
+        if not self.checkpointing:
+            parts = ["no activation checkpointing"]
+        elif self.keep_attention >= n:
+            parts = ["selective checkpointing (self-attention kept in every block)"]
+        elif self.keep_attention > 0:
+            parts = [f"selective checkpointing (self-attention kept in {self.keep_attention} of {n} blocks)"]
+        else:
+            parts = ["full checkpointing"]
+        if self.checkpointing and self.offload:
+            parts.append(f"checkpointed inputs of {min(self.offload, n)} blocks in host memory")
+        if self.block_swap:
+            parts.append(f"{self.block_swap} blocks swapped from host memory")
+        parts.append(f"{self.base_dtype} base weights")
+        return ", ".join(parts)
+
+
+@dataclass
+class Estimate:
+    plan: Plan
+    device: int  # predicted peak of allocated device bytes
+    host: int  # host bytes the plan pins or needs beyond the process itself
+    seconds: float  # predicted step time (used to rank plans)
+    parts: dict = field(default_factory=dict)
+
+    reserve: int = 0  # bytes the device's libraries take beside the tensors (CUDA: RESERVE_GIB)
+
+    def needs(self) -> int:
+        """Device bytes to set aside for this plan (prediction plus margins)."""
+        return int(self.device * (1 + MARGIN) + self.reserve)
+
+
+@dataclass
+class Budget:
+    device: int  # bytes the plan may use on the device
+    host: int  # bytes of host RAM available
+    source: str  # where the device figure comes from, for the report
+
+
+@dataclass
+class Rates:
+    """What the step-time model needs of the device (FLOP/s, bytes/s)."""
+    matmul: float = 4e11
+    attention: float = 2.8e11
+    copy: float = 2e10  # pinned host <-> device
+    eager_overhead: float = 0.15  # extra time of an uncompiled block over a compiled one
+
+    @staticmethod
+    def measure(device) -> "Rates":
+        """A quick measurement on a CUDA device (about a second); defaults elsewhere."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return Rates(matmul=5e10, attention=3e10, copy=1e10, eager_overhead=0.0)
+        a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+        host = torch.empty(64 * 2**20, dtype=torch.uint8, pin_memory=True)
+        buf = torch.empty_like(host, device=device)
+        q = torch.randn(1, 8, 4096, 128, device=device, dtype=torch.bfloat16)
+
+        def timed(fn, reps):
+            fn()
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end) / 1000 / reps
+
+        from wan_model.attention import attention
+
+        mm = 2 * 4096**3 / timed(lambda: a @ a, 10)
+        att = 4 * 4096 * 4096 * 1024 / timed(lambda: attention(q, q, q), 10)
+        cp = host.numel() / timed(lambda: buf.copy_(host, non_blocking=True), 5)
+        return Rates(matmul=mm, attention=att, copy=cp)
+
+
+@functools.lru_cache(maxsize=64)
+def _traced(cfg, setup: StepSetup, kinds: tuple, device: str) -> StepTrace:
+    """Traces are pure functions of their arguments: one per process serves every planner."""
+    return trace_step(cfg, setup, list(kinds), device)
+
+
+@functools.lru_cache(maxsize=16)
+def _static_bytes(cfg, setup: StepSetup) -> dict:
+    model = build_meta_model(cfg, setup, cfg.num_layers)
+
+    def nbytes(ts):
+        return sum(t.numel() * t.element_size() for t in ts)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return {"total": nbytes(list(model.parameters()) + list(model.buffers())),
+            "block_frozen": [nbytes([p for p in b.parameters() if not p.requires_grad] + list(b.buffers()))
+                             for b in model.blocks],
+            "trained": nbytes(trained),
+            "trained_numel": sum(p.numel() for p in trained),
+            "largest_trained": max([p.numel() * p.element_size() for p in trained] or [0])}
+
+
+def tokens_of(cfg, grid: tuple) -> int:
+    f, h, w = grid
+    pt, ph, pw = cfg.patch_size
+    return (f // pt) * (h // ph) * (w // pw)
+
+
+def rank_grid(cfg, grid: tuple, sp: int) -> tuple:
+    """The latent grid a rank of a sequence-parallel group of `sp` plans for: its blocks hold
+    1/sp of the tokens (rounded up; the grid cut along whichever axis rounds least), and Ulysses
+    attention over 1/sp of the heads keeps as many bytes. The whole-sample parts (patch
+    embedding, the gathered output and the loss) are small beside the blocks."""
+    if sp <= 1:
+        return tuple(grid)
+    cuts = []
+    for axis, patch in enumerate(cfg.patch_size):
+        cut = list(grid)
+        cut[axis] = -(-(grid[axis] // patch) // sp) * patch
+        cuts.append(tuple(cut))
+    return min(cuts, key=lambda g: tokens_of(cfg, g))
+
+
+class Planner:
+    """Estimates and chooses plans for one model, step setup and device."""
+
+    def __init__(self, cfg, setup: StepSetup, device, optimizer: str = "adamw",
+                 compiled: bool = False, ema: bool = False, grad_accum: int = 1,
+                 rates: Rates | None = None, fixed: dict | None = None):
+        self.cfg, self.setup, self.device = cfg, setup, torch.device(device)
+        self.n = cfg.num_layers
+        self.optimizer, self.compiled, self.ema, self.grad_accum = optimizer, compiled, ema, grad_accum
+        self.rates = rates or Rates()
+        self.fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+        # Offload and block swap move bytes from the device to the host: on a CPU they are one.
+        self.host_levers = self.device.type != "cpu"
+
+    # -- memory ---------------------------------------------------------------------------
+    def _setup(self, plan: Plan) -> StepSetup:
+        return replace(self.setup, checkpointing=plan.checkpointing, base_dtype=plan.base_dtype)
+
+    def trace(self, plan: Plan, exact: bool = True) -> tuple[StepTrace, list[int]]:
+        """The traced step for this plan: one block per run of the plan's own kinds (exact), or
+        one block of every kind with the plan's counts (one trace serves every plan; a traced
+        block the plan lacks still leaves a little behind, so this errs on the high side by a
+        few percent)."""
+        setup = self._setup(plan)
+        kinds = KINDS if plan.checkpointing else [BlockKind()]
+        counts = plan.counts(self.n)
+        if exact:
+            kinds = [k for k, c in zip(kinds, counts) if c]
+            counts = [c for c in counts if c]
+        return _traced(self.cfg, setup, tuple(kinds), str(self.device)), counts
+
+    def static(self, base_dtype: str) -> dict:
+        """Bytes of the whole model (meta device) in this base dtype: everything, each block's
+        frozen part, the trained parameters."""
+        return _static_bytes(self.cfg, replace(self.setup, base_dtype=base_dtype))
+
+    def estimate(self, plan: Plan, exact: bool = True) -> Estimate:
+        st = self.static(plan.base_dtype)
+        swapped = st["block_frozen"][self.n - plan.block_swap:] if plan.block_swap else []
+        in_flight = 2 * max(swapped) if swapped else 0  # the block running and the one prefetched
+        weights = st["total"] - sum(swapped) + in_flight
+        state_per = OPTIMIZER_STATE_BYTES.get(self.optimizer, 8.0)
+        optim = int(st["trained_numel"] * state_per) + (st["trained"] if self.ema else 0)
+        grads_kept = st["trained"] if self.grad_accum > 1 else 0  # accumulated across micro-steps
+        # the optimizer step: every gradient, plus the update's temporaries (fused AdamW on CUDA
+        # none; the per-tensor updates elsewhere about two of the largest parameter)
+        step_temp = 2 * st["largest_trained"]
+        trace, counts = self.trace(plan, exact)
+        # Swapped blocks run uncompiled (block_swap.py): their backward has the eager transient.
+        compiled = self.compiled and self.device.type == "cuda" and not plan.block_swap
+        scale = COMPILED_TRANSIENT if compiled else 1.0
+        activations = trace.peak(counts, transient_scale=scale)
+        if self.device.type == "cuda":
+            L = tokens_of(self.cfg, self.setup.latent_grid) * self.setup.batch
+            workspace = ATTENTION_WORKSPACE if compiled else ATTENTION_WORKSPACE_EAGER
+            activations += int(workspace * L * self.cfg.dim * 4)
+        optim_step = st["trained"] + step_temp
+        device = weights + optim + grads_kept + max(activations, optim_step)
+        host = sum(swapped) + trace.host_peak(counts)
+        if plan.block_swap:  # a swapped model is loaded to the host whole, then moved in part
+            host = max(host, st["total"] + max(swapped))
+        parts = {"weights": weights, "optimizer": optim, "activations": activations,
+                 "swapped_on_host": sum(swapped), "offloaded_on_host": trace.host_peak(counts)}
+        reserve = int(RESERVE_GIB * GIB) if self.device.type == "cuda" else 0
+        return Estimate(plan, int(device), int(host), self.seconds(plan), parts, reserve)
+
+    # -- time -----------------------------------------------------------------------------
+    def seconds(self, plan: Plan) -> float:
+        """Predicted step time; what matters is the order it puts plans in."""
+        cfg, setup, r = self.cfg, self.setup, self.rates
+        L = tokens_of(cfg, setup.latent_grid) * setup.batch
+        d, f = cfg.dim, cfg.ffn_dim
+        ctx = cfg.text_len + (cfg.clip_tokens if cfg.is_i2v else 0)
+        linear = 2 * L * (6 * d * d + 2 * d * f) + 2 * ctx * 2 * d * d  # per block, forward
+        attn = 4 * L * L * d + 4 * L * ctx * d
+        self_attn = 4 * L * L * d
+        fwd = linear / r.matmul + attn / r.attention
+        bwd = (1 if setup.mode == "lora" else 2) * linear / r.matmul + 2 * attn / r.attention
+        t_block = fwd + bwd
+        x_bytes = L * d * 4  # a checkpointed input: the float32 residual stream
+        st = self.static(plan.base_dtype)
+        total = 0.0
+        for i in range(self.n):
+            t = t_block
+            if plan.checkpointing:
+                t += linear / r.matmul + (attn - (self_attn if i < plan.keep_attention else 0)) / r.attention
+                if i < plan.offload:
+                    t += x_bytes / (r.copy * OFFLOAD_EFFICIENCY)
+            swapped = i >= self.n - plan.block_swap
+            if swapped:  # fetched before the forward and again before the recompute
+                passes = 2 if plan.checkpointing else 1
+                t += passes * max(0.0, st["block_frozen"][i] / r.copy - fwd) + 0.02 * st["block_frozen"][i] / r.copy
+            if self.compiled and not swapped:
+                t *= 1.0
+            elif self.device.type == "cuda":
+                t *= 1 + r.eager_overhead
+            if plan.base_dtype == "fp8":
+                t += 0.02 * linear / r.matmul * (3 if plan.checkpointing else 2)
+            total += t
+        return total
+
+    # -- choice ---------------------------------------------------------------------------
+    def candidates(self) -> list[Plan]:
+        """Every plan the recipe leaves open (explicit settings fixed), as a coarse grid."""
+        fx, n = self.fixed, self.n
+        swappable = self.setup.mode == "lora" and self.host_levers
+        grid = sorted(set(range(0, n + 1, max(1, n // 10))) | {n})
+        host_grid = grid if self.host_levers else [0]
+        bases = [fx["base_dtype"]] if "base_dtype" in fx else (
+            ["bf16", "fp8"] if self.setup.mode == "lora" and self.setup.base_dtype != "fp32" else [self.setup.base_dtype])
+        ckpts = [fx["checkpointing"]] if "checkpointing" in fx else [False, True]
+        out = []
+        for base in bases:
+            for ck in ckpts:
+                keeps = [fx["keep_attention"]] if "keep_attention" in fx else (grid if ck else [0])
+                offs = [fx["offload"]] if "offload" in fx else (host_grid if ck else [0])
+                swaps = [fx["block_swap"]] if "block_swap" in fx else (host_grid if (ck and swappable) else [0])
+                for s in swaps:
+                    if base == "fp8" and "base_dtype" not in fx and self._compiled_fp8(s):
+                        continue
+                    for o in offs:
+                        for k in keeps:
+                            out.append(Plan(ck, min(k, n), min(o, n), min(s, n), base))
+        return out
+
+    def _compiled_fp8(self, block_swap: int) -> bool:
+        """Whether fp8 base weights would run in compiled blocks. Measured on an H200 (8 blocks
+        of the 1.3B width, 832x480x81): a compiled block keeps dequantised copies for its
+        backward, 14.9 GiB against 7.2 GiB in bf16, so the planner never picks that; swapped
+        blocks run eager, where fp8 halves the weights as meant."""
+        return self.compiled and self.device.type == "cuda" and block_swap < self.n
+
+    def choose(self, budget: Budget, exact_checks: int = 6) -> "Choice":
+        """The fastest plan whose exact prediction fits. Every candidate is first estimated from
+        one trace of all block kinds (high by a few percent); the fastest few that fit or nearly
+        fit are then traced exactly."""
+        rough, rejected_host = [], []
+        for plan in self.candidates():
+            est = self.estimate(plan, exact=False)
+            if est.host > budget.host and est.needs() <= budget.device:
+                rejected_host.append(est)
+            elif est.needs() <= budget.device * 1.1:
+                rough.append(est)
+        rough.sort(key=self._rank)
+        fits = []
+        for est in rough:
+            if len(fits) >= 1 and self._rank(est) > self._rank(fits[0]):
+                break  # already slower than a plan known to fit
+            if exact_checks <= 0:
+                break
+            exact_checks -= 1
+            est = self.estimate(est.plan)
+            if est.needs() <= budget.device and est.host <= budget.host:
+                fits.append(est)
+                fits.sort(key=self._rank)
+        if not fits:  # fall back on the fastest rough candidates, checked exactly
+            for e in rough:
+                if e.needs() <= budget.device and e.host <= budget.host:
+                    exact = self.estimate(e.plan)
+                    if exact.needs() <= budget.device and exact.host <= budget.host:
+                        fits = [exact]
+                        break
+        if not fits:
+            frugal = min((self.estimate(p, exact=False) for p in self.candidates()), key=lambda e: e.needs())
+            return Choice(None, budget, frugal, rejected_host, self.n)
+        return Choice(fits[0], budget, None, rejected_host, self.n)
+
+    def _rank(self, e: Estimate) -> tuple:
+        fp8 = e.plan.base_dtype == "fp8" and "base_dtype" not in self.fixed
+        return (e.seconds * (1 + FP8_PREFERENCE if fp8 else 1), e.device)
+
+
+@dataclass
+class Choice:
+    best: Estimate | None
+    budget: Budget
+    frugal: Estimate | None  # the least memory any plan needs, when none fits
+    rejected_host: list
+    n: int
+
+    def report(self) -> str:
+        b = self.budget
+        if self.best is None:
+            text = (f"memory: no plan fits {b.device / GIB:.2f} GiB ({b.source}); the most frugal "
+                    f"({self.frugal.plan.describe(self.n)}) needs {self.frugal.needs() / GIB:.2f} GiB")
+            if self.rejected_host:
+                least = min(e.host for e in self.rejected_host)
+                text += (f"; {len(self.rejected_host)} plans that fit the device need more host RAM "
+                         f"(at least {least / GIB:.1f} GiB) than the {b.host / GIB:.1f} GiB available")
+            return text
+        e = self.best
+        lines = [f"memory plan for {b.device / GIB:.1f} GiB ({b.source}): {e.plan.describe(self.n)}",
+                 f"  predicted peak {e.device / GIB:.2f} GiB (weights {e.parts['weights'] / GIB:.2f}, "
+                 f"optimizer {e.parts['optimizer'] / GIB:.2f}, activations {e.parts['activations'] / GIB:.2f}); "
+                 f"host memory for swap/offload {e.host / GIB:.1f} GiB"]
+        if self.rejected_host:
+            fastest = min(self.rejected_host, key=lambda x: x.seconds)
+            if fastest.seconds < e.seconds:
+                lines.append(f"  not chosen: {fastest.plan.describe(self.n)} (faster) needs "
+                             f"{fastest.host / GIB:.1f} GiB of host RAM, {b.host / GIB:.1f} GiB available")
+        return "\n".join(lines)
+
+
+def device_budget(device, memory_gib: float = 0.0) -> Budget:
+    """The device bytes a run may use: `memory_gib` when set, else what the card has free."""
+    host = max(0, host_available() - int(HOST_RESERVE_GIB * GIB))
+    device = torch.device(device)
+    if memory_gib and memory_gib > 0:
+        return Budget(int(memory_gib * GIB), host, f"train.memory_gib={memory_gib:g}")
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        name = torch.cuda.get_device_name(device)
+        return Budget(int(free), host, f"free on {name}, {total / GIB:.0f} GiB in all")
+    return Budget(host, host, "host RAM (training on the CPU)")
+
+
+def host_available() -> int:
+    """MemAvailable of the host (what can be allocated without swapping), in bytes."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil  # pragma: no cover - other systems
+
+    return int(psutil.virtual_memory().available)
+
+
+def largest_grid(buckets, batch: int = 1) -> tuple[tuple, int]:
+    """(latent grid, batch) of the sample with the most tokens among `buckets` (width, height,
+    frames); a batch holds samples of one bucket."""
+    best = max(buckets, key=lambda b: math.prod(latent_grid(b.width, b.height, b.frames)))
+    return latent_grid(best.width, best.height, best.frames), batch
+
+
+# ---- the recipe's side ----------------------------------------------------------------------
+
+def fixed_levers(t, n: int) -> dict:
+    """The levers a recipe sets itself (they always win), as Plan fields."""
+    fixed = {}
+    if t.gradient_checkpointing is not None:
+        fixed["checkpointing"] = t.gradient_checkpointing
+    if t.checkpoint_mode == "full":
+        fixed["keep_attention"] = 0
+    elif t.selective_blocks is not None:
+        fixed["keep_attention"] = n if t.selective_blocks < 0 else t.selective_blocks
+    if t.checkpoint_offload is not None:
+        fixed["offload"] = n if t.checkpoint_offload < 0 else t.checkpoint_offload
+    if t.block_swap is not None:
+        fixed["block_swap"] = t.block_swap
+    if t.mode == "full":
+        fixed["base_dtype"] = "fp32"
+    elif t.base_dtype is not None:
+        fixed["base_dtype"] = t.base_dtype
+    return fixed
+
+
+def default_plan(t, n: int) -> Plan:
+    """`train.memory: off`: the recipe's levers, and the fast defaults where it leaves them null."""
+    f = fixed_levers(t, n)
+    keep = f.get("keep_attention", n)
+    return Plan(checkpointing=f.get("checkpointing", True), keep_attention=keep,
+                offload=f.get("offload", 0), block_swap=f.get("block_swap", 0),
+                base_dtype=f.get("base_dtype", "bf16"))
+
+
+def apply_plan(recipe, plan: Plan, n: int):
+    """A copy of the recipe with every memory lever set to the plan's value."""
+    import copy
+
+    out = copy.deepcopy(recipe)
+    t = out.train
+    t.gradient_checkpointing = plan.checkpointing
+    t.checkpoint_mode = "selective" if plan.keep_attention > 0 else "full"
+    t.selective_blocks = -1 if plan.keep_attention >= n else plan.keep_attention
+    t.checkpoint_offload = -1 if (plan.offload >= n and plan.offload > 0) else plan.offload
+    t.block_swap = plan.block_swap
+    if t.mode == "lora":
+        t.base_dtype = plan.base_dtype
+    return out
+
+
+def step_setup(recipe, grid: tuple, batch: int) -> StepSetup:
+    t = recipe.train
+    return StepSetup(mode=t.mode, base_dtype="fp32" if t.mode == "full" else (t.base_dtype or "bf16"),
+                     autocast=t.mixed_precision == "bf16", lora_rank=recipe.lora.rank,
+                     lora_targets=tuple(recipe.lora.targets), use_dora=recipe.lora.use_dora,
+                     full_parts=tuple(recipe.full.parts), batch=batch, latent_grid=tuple(grid))
+
+
+def planner_for(recipe, cfg, grid: tuple, batch: int, device, rates: Rates | None = None) -> Planner:
+    t = recipe.train
+    return Planner(cfg, step_setup(recipe, grid, batch), device, optimizer=t.optim.name,
+                   compiled=t.compile, ema=t.mode == "full" and recipe.full.ema,
+                   grad_accum=t.grad_accum, rates=rates, fixed=fixed_levers(t, cfg.num_layers))
+
+
+class NoPlanFits(RuntimeError):
+    """No memory plan fits: the message says the smallest requirement and what would fit."""
+
+
+def plan_recipe(recipe, cfg, grid: tuple, batch: int, device, log=print):
+    """(recipe with every memory lever set, the chosen Estimate) for this card; raises
+    NoPlanFits, before anything is loaded, when nothing fits."""
+    n = cfg.num_layers
+    t = recipe.train
+    if t.memory == "off":
+        plan = default_plan(t, n)
+        return apply_plan(recipe, plan, n), None
+    device = torch.device(device)
+    budget = device_budget(device, t.memory_gib)
+    sp = recipe.train.sequence_parallel
+    planner = planner_for(recipe, cfg, rank_grid(cfg, grid, sp), batch, device,
+                          rates=Rates.measure(device) if device.type == "cuda" else None)
+    choice = planner.choose(budget)
+    if choice.best is None:
+        raise NoPlanFits(advice(recipe, cfg, grid, batch, choice))
+    log(choice.report())
+    if sp > 1:
+        log(f"  (planned per rank: sequence parallel {sp}, "
+            f"{tokens_of(cfg, planner.setup.latent_grid):,} of {tokens_of(cfg, grid):,} tokens)")
+    r = planner.rates
+    log(f"  (step-time model {choice.best.seconds:.2f} s at matmul {r.matmul / 1e12:.0f} TFLOP/s, "
+        f"attention {r.attention / 1e12:.0f} TFLOP/s, host copies {r.copy / 1e9:.0f} GB/s)")
+    return apply_plan(recipe, choice.best.plan, n), choice.best
+
+
+def advice(recipe, cfg, grid: tuple, batch: int, choice: Choice) -> str:
+    """Why nothing fits and the recipe changes that would."""
+    need, have = choice.frugal.needs(), choice.budget.device
+    lines = [f"no memory plan fits: the most frugal plan ({choice.frugal.plan.describe(cfg.num_layers)}) "
+             f"needs {need / GIB:.1f} GiB for {_geometry(grid, batch)}; the budget is "
+             f"{have / GIB:.1f} GiB ({choice.budget.source}). What would fit:"]
+    parts = choice.frugal.parts
+    act = parts["activations"]
+    static = need - act * (1 + MARGIN)
+    if act > 0 and static < have:  # activations scale with tokens: the largest share that fits
+        share = (have - static) / (1 + MARGIN) / act
+        f, h, w = grid
+        frames = max(1, int((f - 1) * share)) * 4 + 1 if f > 1 else 1
+        lines.append(f"  - fewer frames: at most about {frames} frames at this size "
+                     f"(data.frame_buckets), or about {share:.0%} of the pixel area (data.areas)")
+    if recipe.train.mode == "full":
+        lines.append("  - LoRA instead of a full fine-tune (train.mode=lora)")
+        shardable = parts["weights"] + parts["optimizer"]
+        room = have - act * (1 + MARGIN) - RESERVE_GIB * GIB
+        if room > 0:
+            gpus = max(2, math.ceil(shardable * (1 + MARGIN) / room))
+            lines.append(f"  - the full fine-tune sharded over {gpus} or more GPUs with DeepSpeed ZeRO-3 "
+                         "(accelerate launch --config_file recipes/accelerate/zero3.yaml ...)")
+    elif "base_dtype" in fixed_levers(recipe.train, cfg.num_layers) and recipe.train.base_dtype != "fp8":
+        lines.append("  - train.base_dtype: null (or fp8) lets the frozen base be stored in fp8")
+    lines.append("  - or a card with more free memory (close other programs using it)")
+    return "\n".join(lines)
+
+
+def _geometry(grid: tuple, batch: int) -> str:
+    f, h, w = grid
+    return f"{batch} x {(f - 1) * 4 + 1} frames at {w * 8}x{h * 8}"
+
+
+class OutOfDeviceMemory(RuntimeError):
+    """The device ran out of memory during training despite the plan."""
+
+    @classmethod
+    def explain(cls, recipe, estimate: Estimate | None, error: Exception) -> "OutOfDeviceMemory":
+        t = recipe.train
+        lines = [f"out of GPU memory during training ({str(error).splitlines()[0][:200]})"]
+        if estimate is not None:
+            lines.append(f"the memory plan predicted a peak of {estimate.device / GIB:.2f} GiB; other "
+                         "programs may have taken memory since, or this step needs more than predicted")
+            lines.append(f"  - plan for less: train.memory_gib={max(1.0, estimate.needs() / GIB - 2):.0f} "
+                         "(the planner then saves more with checkpointing, offload and block swap)")
+        else:
+            lines.append("  - let the planner choose the memory levers: train.memory=auto and the "
+                         "levers (gradient_checkpointing, checkpoint_offload, block_swap, base_dtype) null")
+        lines.append("  - or train fewer frames or a smaller area (data.frame_buckets, data.areas)")
+        if t.mode == "full":
+            lines.append("  - or LoRA (train.mode=lora), or several GPUs with DeepSpeed ZeRO-3")
+        lines.append("the last complete step-N/ checkpoint is intact: resume with checkpoint.resume=latest")
+        return cls("\n".join(lines))
