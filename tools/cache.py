@@ -14,6 +14,7 @@ when the recipe or its files are wrong.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -56,6 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         if state.is_main_process:
             print("nothing usable to cache (see the report above)", file=sys.stderr)
         return 1
+    if state.device.type == "cuda":  # data.text_encoder_device auto, data.low_memory null: planned
+        from train.memory import device_budget
+        from train.stages import plan_stages
+
+        area = max(item.bucket.width * item.bucket.height for item in plan.items)
+        cfg = plan_stages(recipe, device_budget(state.device), area,
+                          log=print if state.is_main_process else (lambda *a: None)).data
+        plan = dataclasses.replace(plan, config=cfg)  # the cache records the tiling it used
     encoders = model_encoders(recipe.model, cfg, i2v, state.device)
     try:
         run = build_cache(plan, encoders, i2v, rank, world, progress=progress,
