@@ -14,6 +14,7 @@ FAST_EAGER = with_changes(FAST, compile=False)
 PLANNED = with_changes(FAST, planned=True)
 SIZE_81 = (832, 480, 81)
 SIZE_33 = (512, 320, 33)
+SIZE_720 = (1280, 720, 81)  # 75,600 tokens: the 14B and I2V-14B-720P training size
 TINY_SIZE = (64, 64, 5)
 
 
@@ -37,6 +38,8 @@ class Case:
     vae_chunk: int = 1  # vae-ours: latent frames per causal chunk (WanVAE.set_chunks)
     estimate_s: float = 30.0  # rough H100 cost incl. model setup, for --time-budget
     default: bool = True
+    processes: int = 1  # ours on several GPUs of the host (bench/distributed.py): DDP over them...
+    sequence_parallel: int = 1  # ...in groups of this many ranks that share each sample's tokens
 
 
 def all_cases() -> list[Case]:
@@ -93,8 +96,30 @@ def all_cases() -> list[Case]:
         Case("sample-diffusers", "sample-diffusers", "diffusers WanPipeline, 1.3B, 832x480x81, UniPC + CFG 5",
              estimate_s=20),
     ]
-    cases += lever_cases()
+    cases += lever_cases() + sequence_parallel_cases()
     return cases
+
+
+def sequence_parallel_cases() -> list[Case]:
+    """Sequence parallel against one GPU (14B at 720p) and against DDP (1.3B at 480p), compared
+    per sample; eager, so each fits the 9-minute `gpu_run.sh seqpar` run on 2 GPUs."""
+    # One GPU at 75,600 tokens: 40 float32 block inputs (58 GiB) + bf16 weights (27 GiB) leave
+    # room to keep the attention output (0.72 GiB each) of only some blocks.
+    one = [with_changes(FAST_EAGER, selective_blocks=n) for n in (24, 8)]
+    one.append(with_changes(FAST_EAGER, checkpointing="full"))
+    return [
+        Case("lora-14B-720p", "ours", "14B LoRA r32 1280x720x81, 1 GPU", flavour="t2v-14B",
+             size=SIZE_720, settings=one, estimate_s=200, default=False),
+        Case("sp2-lora-14B-720p", "ours", "14B LoRA r32 1280x720x81, sequence parallel over 2 GPUs",
+             flavour="t2v-14B", size=SIZE_720, processes=2, sequence_parallel=2,
+             settings=[FAST_EAGER, with_changes(FAST_EAGER, selective_blocks=20)],
+             reference="lora-14B-720p", estimate_s=150, default=False),
+        Case("ddp2-lora-1.3B-81", "ours", "1.3B LoRA r32 832x480x81, DDP over 2 GPUs (2 samples/step)",
+             processes=2, settings=[FAST_EAGER], estimate_s=60, default=False),
+        Case("sp2-lora-1.3B-81", "ours", "1.3B LoRA r32 832x480x81, sequence parallel over 2 GPUs",
+             processes=2, sequence_parallel=2, settings=[FAST_EAGER], reference="ddp2-lora-1.3B-81",
+             estimate_s=60, default=False),
+    ]
 
 
 def tier_cases() -> list[Case]:

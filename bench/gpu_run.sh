@@ -6,6 +6,8 @@
 #   bash bench/gpu_run.sh multi [parts...] # bench/multi.py: several GPUs through accelerate launch
 #                                          # (default parts: cache ddp zero2 zero2-reshard; then
 #                                          # `multi zero3`, `multi zero3-save zero3-reshard`: its docstring)
+#   bash bench/gpu_run.sh seqpar [args...] # 2 GPUs: sequence parallel vs 1 GPU (14B 720p) and vs DDP (~9 min)
+#   bash bench/gpu_run.sh seqpar-tests     # 2 GPUs: sequence parallel equals one GPU (real sizes, trainer)
 # Installs the wheels carried in .whl/ (see the device notes in bench/NOTES.md), then writes logs,
 # results JSON and the BENCHMARKS.md table under $OUT (default bench/out).
 set -uo pipefail
@@ -24,8 +26,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 what=${1:-all}; shift || true
 rc=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -q -s -m gpu ${GPU_TESTS:-tests/test_gpu_memory.py tests/test_gpu_fastpath.py tests/test_vae.py tests/test_small_cards_gpu.py} 2>&1 | tee "$OUT/gpu_tests.log"
+  python3 -m pytest -q -s -m gpu ${GPU_TESTS:-tests/test_gpu_memory.py tests/test_gpu_fastpath.py tests/test_vae.py tests/test_small_cards_gpu.py tests/test_sequence_parallel_gpu.py} 2>&1 | tee "$OUT/gpu_tests.log"
   rc=${PIPESTATUS[0]}
+fi
+if [ "$what" = seqpar-tests ]; then
+  python3 -m pytest -q -s -m gpu tests/test_sequence_parallel_gpu.py 2>&1 | tee "$OUT/seqpar_tests.log"
+  rc=${PIPESTATUS[0]}
+fi
+if [ "$what" = seqpar ]; then  # weights drawn on each GPU: no 28 GB checkpoint to write first
+  python3 tools/bench.py --cases 'lora-14B-720p,sp2-*,ddp2-*' --weights direct --time-budget 540 \
+    --results-dir "$OUT/results" --benchmarks-md "$OUT/BENCHMARKS.md" "$@" 2>&1 | tee "$OUT/bench.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 tools/bench.py --results-dir "$OUT/results" --benchmarks-md "$OUT/BENCHMARKS.md" "$@" 2>&1 | tee "$OUT/bench.log"

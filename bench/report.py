@@ -120,6 +120,10 @@ def table_rows(results: dict) -> list[list[str]]:
                 note += f"; plan: {r.get('plan_text')}"
             if r.get("prediction_error") is not None:
                 note += f"; predicted peak {r['predicted_gib']:.2f} GiB ({r['prediction_error']:+.1%})"
+            if r.get("processes", 1) > 1:  # memory is the fullest GPU's, TFLOP/s per GPU
+                note += (f"; {r['sample_s']:.3f} s/sample ({r['samples_per_step']} per step), "
+                         f"{r['tokens_per_gpu']:,} tokens and peak {_f(r.get('peak_allocated_gib'))} "
+                         "GiB per GPU")
             rows.append([name, r["what"], f"{r['step_s']:.3f}", _f(r.get("peak_allocated_gib")),
                          _f(r.get("peak_reserved_gib")), _f(r.get("tflops"), "{:.0f}"), _f(r.get("mfu"), "{:.0%}"),
                          _ratio(r), note])
@@ -166,7 +170,8 @@ def markdown_table(results: dict) -> str:
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in row) + " |")
     lines.append("")
     lines.append("`*` = ratio against a reference measured in a different run. Speed-ups are "
-                 "reference s/step over ours; VAE and sampler ratios likewise (higher is better).")
+                 "reference s/step over ours (s/sample where either runs on several GPUs); VAE and "
+                 "sampler ratios likewise (higher is better).")
     return "\n".join(lines)
 
 

@@ -124,6 +124,10 @@ def resolve_settings(s: StepSettings, opts: Options) -> StepSettings:
 
 
 def run_ours(case: Case, opts: Options, settings: StepSettings, budget_s: float) -> dict:
+    if case.processes > 1:
+        from bench.distributed import run_distributed
+
+        return run_distributed(case, opts, settings, budget_s)
     flavour = flavour_name(case, opts)
     cfg = get_flavour(flavour).dit
     w, h, f = size_of(case, opts)
@@ -146,7 +150,8 @@ def run_ours(case: Case, opts: Options, settings: StepSettings, budget_s: float)
     model_f, hw_f = step_flops(fwd, s.mode, s.checkpointing)
     swap = getattr(step.model, "block_swap", None)
     out = {"kind": "train", "settings": s.to_dict(), "settings_label": s.label(), "setup_s": setup_s,
-           **timing, **mem, "tokens": fwd.tokens, "model_tflop": model_f / 1e12,
+           **timing, **mem, "sample_s": timing["step_s"] / batch.latents.shape[0], "tokens": fwd.tokens,
+           "model_tflop": model_f / 1e12,
            "hardware_tflop": hw_f / 1e12, "tflops": model_f / timing["step_s"] / 1e12,
            "hardware_tflops": hw_f / timing["step_s"] / 1e12,
            "trained_params": sum(p.numel() for p in step.params)}

@@ -14,9 +14,10 @@ from wan_model.configs import FLAVOURS
 
 REPO = Path(__file__).resolve().parents[1]
 # ours with selective checkpointing, the diffusers reference, fp8 + block swap + offload,
-# both VAEs and both samplers, the caching stage and training with previews (the other cases
-# only change sizes and settings)
-CASES = "lora-1.3B-81,ref-lora-1.3B-81,lora-14B-81-24G,vae-*,cache-stage,cache-8G,train-previews,sample-*"
+# both VAEs and both samplers, the caching stage and training with previews, and a sequence
+# parallel case on two ranks (the other cases only change sizes and settings)
+CASES = ("lora-1.3B-81,ref-lora-1.3B-81,lora-14B-81-24G,vae-*,cache-stage,cache-8G,train-previews,sample-*,"
+         "sp2-lora-1.3B-81")
 
 
 def test_flop_counts_match_the_issue_floors():
@@ -60,7 +61,7 @@ def test_tiny_run_writes_json_table_and_markdown(tmp_path):
     expected = ["matmul", "lora-1.3B-81", "ref-lora-1.3B-81", "lora-14B-81-24G", "vae-ours",
                 "vae-ours-eager", "vae-ours-chunk2", "vae-ours-chunk5", "vae-ours-chunk10",
                 "vae-ours-chunk20", "cache-stage", "cache-8G", "train-previews", "vae-diffusers", "sample-ours",
-                "sample-diffusers-cudnn", "sample-diffusers"]
+                "sample-diffusers-cudnn", "sample-diffusers", "sp2-lora-1.3B-81"]
     assert list(res["cases"]) == expected
     bad = {k: v.get("error") for k, v in res["cases"].items() if v["status"] != "ok"}
     assert not bad, bad
@@ -84,6 +85,11 @@ def test_tiny_run_writes_json_table_and_markdown(tmp_path):
     assert len(prev["renders_s"]) == 3 and prev["render_s"] > 0 and len(prev["step_times_s"]) == 4
     assert prev["videos"] == [f"samples/step-{s}/00-mystyle-a-cat-walks-through-a-sunlit-gar.mp4"
                               for s in (0, 2, 4)]
+    sp = res["cases"]["sp2-lora-1.3B-81"]  # two gloo ranks through torchrun share one sample
+    assert sp["processes"] == 2 and sp["sequence_parallel"] == 2 and sp["samples_per_step"] == 1
+    assert sp["sample_s"] == sp["step_s"] > 0 and sp["tokens_per_gpu"] == sp["tokens"] // 2
+    assert len(sp["losses"]) == sp["steps"] and all(l == l and l > 0 for l in sp["losses"])
+    assert "| sp2-lora-1.3B-81 |" in md.read_text() and "s/sample" in md.read_text()
     assert res["env"]["torch"] and res["env"]["diffusers"]
     check_relations(res["cases"])
     # the table is printed last, and the markdown section replaces itself on a rewrite

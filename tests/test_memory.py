@@ -191,3 +191,23 @@ def test_each_traced_block_runs_as_its_own_kind(monkeypatch):
             kinds.append((value == "selective", offload))
             offload = False
     assert kinds[:4] == [(k.keep_attention, k.offload) for k in KINDS]  # the forward pass
+
+
+def test_sequence_parallel_plans_for_one_ranks_share():
+    """With train.sequence_parallel=N a GPU's blocks hold 1/N of the tokens: the plan is made for
+    that share, so a sample too large for one card can be planned for a group of them."""
+    from train.memory import plan_recipe, rank_grid, tokens_of
+
+    assert rank_grid(CFG, GRID, 1) == GRID
+    assert tokens_of(CFG, rank_grid(CFG, GRID, 2)) == 160  # 320 tokens: 5 x 4 x 8 per rank
+    assert tokens_of(CFG, rank_grid(CFG, (21, 90, 160), 2)) == 37_800  # 1280x720x81: 75,600
+    assert tokens_of(CFG, rank_grid(CFG, GRID, 3)) >= 107
+    lines = []
+    _, one = plan_recipe(_recipe(memory_gib=64.0), CFG, GRID, 1, "cpu", log=lines.append)
+    _, two = plan_recipe(_recipe(memory_gib=64.0, sequence_parallel=2), CFG, GRID, 1, "cpu",
+                         log=lines.append)
+    share = planner_for(_recipe(sequence_parallel=2), CFG, rank_grid(CFG, GRID, 2), 1, "cpu")
+    assert two.device == share.estimate(two.plan).device
+    # the text (512 tokens of context) and the whole-sample ends do not shrink with the share
+    assert two.parts["activations"] < 0.7 * one.parts["activations"], (one.parts, two.parts)
+    assert any("sequence parallel 2, 160 of 320 tokens" in line for line in lines), lines

@@ -140,6 +140,8 @@ def add_ratios(results: dict) -> None:
         if ref.get("status") != "ok":
             continue
         key = "clip_s" if r.get("kind") in ("vae", "cache") else "step_s"
+        if "sample_s" in r and "sample_s" in ref:  # one GPU, DDP and sequence parallel compare per sample
+            key = "sample_s"
         r["speedup_vs_reference"] = ref[key] / r[key]
         r["reference"] = case.reference
         r["same_run_as_reference"] = ref.get("run") == r.get("run")

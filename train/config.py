@@ -129,6 +129,9 @@ class TrainConfig:
                                          "memory and are streamed to the GPU (0 = none); null = planned.")
     attention_backend: str = _f("auto", "auto, sdpa, cudnn, flash, efficient, math or flash_attn.")
     compile: bool = _f(False, "torch.compile each transformer block.")
+    sequence_parallel: int = _f(1, "GPUs that share each sample's tokens (DeepSpeed-Ulysses attention); "
+                                   "the processes form data-parallel groups of this size. 1 = off. "
+                                   "For 720p and long clips, see the README.")
     caption_dropout: float = _f(0.1, "Probability of training a sample with the empty prompt.")
     timestep: TimestepConfig = field(default_factory=TimestepConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -232,6 +235,8 @@ class Recipe:
             out.append(f"train.caption_dropout={t.caption_dropout}: must be in [0, 1]")
         if t.mode == "lora" and (self.lora.rank < 1 or not self.lora.targets):
             out.append("lora: rank must be >= 1 and targets non-empty")
+        if t.sequence_parallel < 1:
+            out.append(f"train.sequence_parallel={t.sequence_parallel}: must be >= 1 (1 = off)")
         if t.block_swap is not None and t.block_swap < 0:
             out.append(f"train.block_swap={t.block_swap}: must be >= 0")
         if t.memory_gib < 0:

@@ -15,7 +15,7 @@ from wan_model import attention, faults
 from wan_model.atomic import write_text_atomic
 from wan_model.dit_io import load_transformer
 
-from . import adapters, checkpoint, export, reshard
+from . import adapters, checkpoint, export, parallel, reshard
 from .config import Recipe, to_yaml
 from .data_prep import prepare_cache, scan_corpus
 from .objective import flow_loss, noisy_input, sample_sigmas
@@ -46,7 +46,7 @@ def make_accelerator(recipe: Recipe):
                        kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
 
 
-def batch_generators(seed: int, stream_index: int, device) -> tuple:
+def batch_generators(seed: int, stream_index: int, device, shard: int = 0) -> tuple:
     """Generators for one micro-batch, derived from (seed, the batch's place in the data stream)
     alone (`BucketBatchSampler`'s stream index, the same whatever rank trains it).
 
@@ -55,13 +55,17 @@ def batch_generators(seed: int, stream_index: int, device) -> tuple:
     the same or another number of ranks. Resumed on W' ranks with grad_accum A' = W*A/W', every
     step trains the same batches with the same draws as the original W ranks with A: the same run
     up to the order of float sums. With another A' the steps group the batches differently (the
-    global batch changes) and each batch still keeps its draws.
+    global batch changes) and each batch still keeps its draws. The ranks of a sequence-parallel
+    group train one batch (one stream index), so they draw the same noise.
 
     The global generators (CPU and every GPU) are re-seeded from the same key, because LoRA dropout
     and compiled kernels draw from them: whatever else used them before this batch (a data-loader
-    iterator made anew on resume, a preview, a checkpoint write) cannot shift its masks."""
+    iterator made anew on resume, a preview, a checkpoint write) cannot shift its masks.
+    `shard` (the rank within a sequence-parallel group) enters only this key, so the dropout masks
+    of a sample's token shards differ from one another."""
     s = (seed * 1_000_003 + stream_index * 1_009 + 101) % (2**63 - 1)
-    torch.manual_seed((s * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407) % (2**63 - 1))
+    g = (s * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407 + shard * 7_919) % (2**63 - 1)
+    torch.manual_seed(g)
     host = torch.Generator().manual_seed(s)
     dev = torch.Generator(device=device).manual_seed(s) if torch.device(device).type != "cpu" else host
     return host, dev
@@ -173,14 +177,16 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
     if acc.is_main_process:
         write_text_atomic(out_dir / "recipe.yaml", recipe_yaml)
     faults.point("startup: run folder ready")
+    layout = parallel.make_layout(acc.process_index, acc.num_processes, recipe.train.sequence_parallel)
     settings, summary = prepare_cache(recipe, acc, scanned)
     faults.point("startup: cache ready")
     dataset = CachedDataset(recipe.data.cache_dir, expected_settings=settings)
     sampler = BucketBatchSampler(dataset.buckets, recipe.data.batch_size, seed=recipe.data.seed,
-                                 rank=acc.process_index, world=acc.num_processes, with_position=True)
+                                 rank=layout.dp_rank, world=layout.dp_size, with_position=True)
 
     set_seed(recipe.run.seed)  # LoRA init and dropout draw from the global generators: seed them
     model, targets = build_model(recipe, device)  # here, after caching, which may draw or not
+    parallel.enable(model, layout)
     ema = (adapters.EMA(trained_tensors(model), recipe.full.ema_decay)
            if recipe.train.mode == "full" and recipe.full.ema else None)
     if ema is not None and _is_deepspeed(acc) and acc.state.deepspeed_plugin.zero_stage == 3:
@@ -228,7 +234,7 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
         sampler.load_state_dict(state["trainer"]["sampler"])
     if resume_from is not None:
         acc.print(f"resumed from {resume_from} at step {step}")
-        acc.print(reshard.describe(resume_from, sampler, recipe, acc.num_processes))
+        acc.print(reshard.describe(resume_from, sampler, recipe, layout.dp_size))
     faults.point("startup: model ready")
 
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
@@ -256,8 +262,9 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
                 batches = iter(loader)
                 batch = next(batches)
             sampler_state, stream_index = batch.pop("sampler_state"), batch.pop("stream_index")
-            trained_keys += [(stream_index, k) for k in batch["key"]]
-            host_g, dev_g = batch_generators(recipe.run.seed, stream_index, device)
+            if layout.sp_rank == 0:  # a sequence-parallel group trains one batch: named once
+                trained_keys += [(stream_index, k) for k in batch["key"]]
+            host_g, dev_g = batch_generators(recipe.run.seed, stream_index, device, shard=layout.sp_rank)
             with acc.accumulate(model):
                 loss = compute_loss(model, batch, recipe, empty, host_g, dev_g, device)
                 acc.backward(loss)

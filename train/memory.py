@@ -183,6 +183,21 @@ def tokens_of(cfg, grid: tuple) -> int:
     return (f // pt) * (h // ph) * (w // pw)
 
 
+def rank_grid(cfg, grid: tuple, sp: int) -> tuple:
+    """The latent grid a rank of a sequence-parallel group of `sp` plans for: its blocks hold
+    1/sp of the tokens (rounded up; the grid cut along whichever axis rounds least), and Ulysses
+    attention over 1/sp of the heads keeps as many bytes. The whole-sample parts (patch
+    embedding, the gathered output and the loss) are small beside the blocks."""
+    if sp <= 1:
+        return tuple(grid)
+    cuts = []
+    for axis, patch in enumerate(cfg.patch_size):
+        cut = list(grid)
+        cut[axis] = -(-(grid[axis] // patch) // sp) * patch
+        cuts.append(tuple(cut))
+    return min(cuts, key=lambda g: tokens_of(cfg, g))
+
+
 class Planner:
     """Estimates and chooses plans for one model, step setup and device."""
 
@@ -496,12 +511,16 @@ def plan_recipe(recipe, cfg, grid: tuple, batch: int, device, log=print):
         return apply_plan(recipe, plan, n), None
     device = torch.device(device)
     budget = device_budget(device, t.memory_gib)
-    planner = planner_for(recipe, cfg, grid, batch, device,
+    sp = recipe.train.sequence_parallel
+    planner = planner_for(recipe, cfg, rank_grid(cfg, grid, sp), batch, device,
                           rates=Rates.measure(device) if device.type == "cuda" else None)
     choice = planner.choose(budget)
     if choice.best is None:
         raise NoPlanFits(advice(recipe, cfg, grid, batch, choice))
     log(choice.report())
+    if sp > 1:
+        log(f"  (planned per rank: sequence parallel {sp}, "
+            f"{tokens_of(cfg, planner.setup.latent_grid):,} of {tokens_of(cfg, grid):,} tokens)")
     r = planner.rates
     log(f"  (step-time model {choice.best.seconds:.2f} s at matmul {r.matmul / 1e12:.0f} TFLOP/s, "
         f"attention {r.attention / 1e12:.0f} TFLOP/s, host copies {r.copy / 1e9:.0f} GB/s)")

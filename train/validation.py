@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from data.cache import load_text
+from wan_model import sequence_parallel
 from wan_model.media import write_contact_sheet, write_video
 from wan_model.sampler import PromptSpec, WanSampler, load_prompts_file
 
@@ -109,7 +110,7 @@ class Previewer:
         dit.eval()
         try:
             placed = decoder_placed(self.vae, self.clip, self.v.decode, self.acc.device)
-            with torch.no_grad(), placed:
+            with torch.no_grad(), placed, sequence_parallel.disabled(dit):  # previews run on this rank alone
                 for i, spec in enumerate(self.specs):
                     video = self.sampler.generate(
                         [spec.prompt], negative_prompt=self._negative(spec),

@@ -67,6 +67,7 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+        self.sequence_parallel = None  # a SequenceParallel: x holds this rank's tokens only
 
     def forward(self, x, rope):
         b, s, _ = x.shape
@@ -74,6 +75,8 @@ class SelfAttention(nn.Module):
         v = self.v(x).view(b, s, n, -1)
         q = apply_rope(self.norm_q(self.q(x)).view(b, s, n, -1), rope).to(v.dtype)
         k = apply_rope(self.norm_k(self.k(x)).view(b, s, n, -1), rope).to(v.dtype)
+        if self.sequence_parallel is not None:  # the whole sequence, this rank's heads
+            return self.o(self.sequence_parallel.attention(q, k, v, attention).flatten(2))
         return self.o(attention(q, k, v).flatten(2))
 
 
@@ -196,6 +199,7 @@ class WanModel(nn.Module):
         self.checkpoint_mode = "full"  # or "selective": keep self-attention outputs
         self.selective_blocks = -1  # selective: only the first N blocks keep them (-1 = all)
         self.offload_blocks = 0  # the first N blocks keep their checkpointed inputs in host memory (-1 = all)
+        self.sequence_parallel = None  # set by wan_model.sequence_parallel.attach
 
     # -- helpers -------------------------------------------------------------------------------
     def compute_dtype(self) -> torch.dtype:
@@ -273,6 +277,10 @@ class WanModel(nn.Module):
         grid = (f // pt, hh // ph, ww // pw)
         x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).float()
         rope = self.rope.get(grid, x.device)
+        sp = self.sequence_parallel
+        if sp is not None:  # from here to the head this rank holds only its share of the tokens
+            sp.begin(x.shape[1])
+            x, rope = sp.shard(x), tuple(sp.shard(r) for r in rope)
         t = t.to(x.device).reshape(-1)
         if t.numel() == 1:
             t = t.expand(b)
@@ -283,6 +291,8 @@ class WanModel(nn.Module):
         for i, block in enumerate(self.blocks):
             x = self._run_block(i, block, x, e0, context, rope, dtype)
         x = self.head(x, e)
+        if sp is not None:
+            x = sp.gather(x)
         return self.unpatchify(x, grid)
 
     def unpatchify(self, x, grid):

@@ -1,0 +1,79 @@
+"""How the processes of a run share the work: data-parallel groups of `train.sequence_parallel`.
+
+With sequence parallel N, consecutive ranks form groups of N (on one machine, so the
+all-to-alls stay on NVLink): the ranks of a group train the same sample, each on 1/N of its
+tokens (wan_model.sequence_parallel). Everything that decides *which* sample and *which*
+noise (the data sampler, the per-micro-step generators) therefore takes the data-parallel rank
+and size, not the process's. The gradient all-reduce stays over all processes: see the
+gradient note in wan_model/sequence_parallel.py for why that yields one GPU's gradient.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Layout:
+    rank: int  # this process among all
+    world: int  # all processes
+    sp: int  # ranks per sequence-parallel group (1 = off)
+
+    @property
+    def dp_rank(self) -> int:
+        """Which sample stream this process trains (shared by its group)."""
+        return self.rank // self.sp
+
+    @property
+    def dp_size(self) -> int:
+        return self.world // self.sp
+
+    @property
+    def sp_rank(self) -> int:
+        """Which share of each sample's tokens this process holds."""
+        return self.rank % self.sp
+
+    def groups(self) -> list[list[int]]:
+        return [list(range(g * self.sp, (g + 1) * self.sp)) for g in range(self.dp_size)]
+
+
+def make_layout(rank: int, world: int, sp: int) -> Layout:
+    if sp > 1 and world % sp:
+        raise ValueError(f"train.sequence_parallel={sp} needs a number of processes that it divides; "
+                         f"this run has {world} (launch {sp}, {2 * sp}, ... processes, e.g. "
+                         f"accelerate launch --num_processes {sp} train.py ...)")
+    return Layout(rank, world, sp)
+
+
+def check_heads(sp: int, heads: int, flavour: str) -> None:
+    """Every rank needs a head; an uneven split runs attention at the pace of the fullest rank."""
+    even = [n for n in range(1, heads + 1) if heads % n == 0]
+    if sp > heads:
+        raise ValueError(f"train.sequence_parallel={sp}: the {flavour} transformer has {heads} attention "
+                         f"heads and every rank needs at least one; choose one of {even}")
+    if heads % sp:
+        warnings.warn(f"train.sequence_parallel={sp}: the {heads} attention heads of {flavour} split "
+                      f"unevenly ({-(-heads // sp)} on some ranks, {heads // sp} on others), so "
+                      f"attention runs at the pace of the fullest rank; {even} split evenly",
+                      stacklevel=2)
+
+
+def enable(model, layout: Layout):
+    """Split `model`'s tokens over this process's group; returns the SequenceParallel (or None).
+    Every process must call this: each group is created collectively, in the same order."""
+    if layout.sp == 1:
+        return None
+    import torch.distributed as dist
+
+    from wan_model.configs import flavour_of
+    from wan_model.sequence_parallel import SequenceParallel, attach
+
+    check_heads(layout.sp, model.cfg.num_heads, flavour_of(model.cfg) or "this")
+    mine = None
+    for ranks in layout.groups():
+        group = dist.new_group(ranks)
+        if layout.rank in ranks:
+            mine = group
+    sp = SequenceParallel(mine, model.cfg.num_heads)
+    attach(model, sp)
+    return sp
