@@ -4,7 +4,7 @@ The same command as `wantune train` (train/cli.py).
 """
 import sys
 
-from train.cli import main
+from wantune.train.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bench.steps import StepSettings, with_changes
+from wantune.bench.steps import StepSettings, with_changes
 
 # Our default fast path for a LoRA step: cuDNN SDPA, self-attention kept by selective
 # checkpointing (no attention recompute), compiled blocks, fused AdamW, bf16 base.

@@ -48,11 +48,11 @@ def run_distributed(case, opts, settings, budget_s: float) -> dict:
 def main(argv=None) -> int:
     import torch.distributed as dist
 
-    from bench.cases import all_cases
-    from bench.run import Options, build_direct, flavour_name, resolve_settings, size_of
-    from bench.steps import StepSettings, build_step, make_batch
-    from bench.timing import peak_memory, reset_memory, time_steps
-    from train.parallel import enable, make_layout
+    from wantune.bench.cases import all_cases
+    from wantune.bench.run import Options, build_direct, flavour_name, resolve_settings, size_of
+    from wantune.bench.steps import StepSettings, build_step, make_batch
+    from wantune.bench.timing import peak_memory, reset_memory, time_steps
+    from wantune.train.parallel import enable, make_layout
     from wan_model.configs import get_flavour
     from wan_model.flops import forward_flops, step_flops
 

@@ -43,8 +43,8 @@ sys.path.insert(0, str(REPO))
 # As tools/bench.py: fewer fragmentation OOMs near the limits (inherited by every launch).
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from bench import launch, report  # noqa: E402
-from bench.multi_report import update_benchmarks_md  # noqa: E402
+from wantune.bench import launch, report  # noqa: E402
+from wantune.bench.multi_report import update_benchmarks_md  # noqa: E402
 
 PARTS = {"cache": 150, "ddp": 200, "zero2": 200, "zero2-reshard": 150, "zero3": 360,
          "zero3-save": 330, "zero3-reshard": 200, "lora14": 420}  # estimated seconds on 2 H200s
@@ -90,12 +90,12 @@ class Bench:
         return "tiny-t2v" if self.tiny else big
 
     def model(self, big: str, components: tuple) -> Path:
-        from bench.run import model_dir
+        from wantune.bench.run import model_dir
 
         return model_dir(self.opts, self.flavour(big), components)
 
     def corpus(self) -> Path:
-        from bench.pipeline import write_corpus
+        from wantune.bench.pipeline import write_corpus
 
         w, h, f = self.size
         return write_corpus(self.work / f"corpus-{w}x{h}x{f}", self.clips, (w, h), f)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.cases import Case
-from bench.run import flavour_name, model_dir, size_of
-from bench.timing import peak_memory, reset_memory, set_memory_cap
+from wantune.bench.cases import Case
+from wantune.bench.run import flavour_name, model_dir, size_of
+from wantune.bench.timing import peak_memory, reset_memory, set_memory_cap
 
 FPS = 16
 
@@ -82,7 +82,7 @@ def _pipeline_dir(opts) -> Path:
 def _recipe(case: Case, opts, root: Path, corpus: Path, extra: list[str]):
     """The shipped 1.3B LoRA recipe pointed at the bench model and corpus; the caching case and
     the training case share its data settings, so training reuses the cache."""
-    from train.config import load_recipe
+    from wantune.train.config import load_recipe
 
     flavour, (w, h, f) = flavour_name(case, opts), size_of(case, opts)
     gpu = opts.device.type == "cuda"
@@ -99,8 +99,8 @@ def _recipe(case: Case, opts, root: Path, corpus: Path, extra: list[str]):
 def run_cache_stage(case: Case, opts) -> dict:
     """tools/cache.py's work in-process on a fresh cache: scan + report, T5 stage, VAE stage
     (decoding in workers). Times every part; the per-clip figure is the steady state."""
-    from data.cache import build_cache, model_encoders
-    from data.plan import scan
+    from wantune.data.cache import build_cache, model_encoders
+    from wantune.data.plan import scan
     from wan_model.paths import ModelPaths
 
     flavour, (w, h, f) = flavour_name(case, opts), size_of(case, opts)
@@ -181,7 +181,7 @@ def _cap(case: Case, opts, mem: dict) -> dict:
 def run_train_previews(case: Case, opts) -> dict:
     """`train.loop.train` on the shipped 1.3B LoRA recipe (shortened) with previews at the
     start and every `every` steps: seconds per render, and step times before and after."""
-    from train.loop import train
+    from wantune.train.loop import train
 
     flavour, (w, h, f) = flavour_name(case, opts), size_of(case, opts)
     root = model_dir(opts, flavour, ("dit", "vae", "t5", "tokenizer"))

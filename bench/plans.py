@@ -10,9 +10,9 @@ import sys
 
 import torch
 
-from bench.cases import tier_cases
-from bench.steps import resolve
-from train.memory import NoPlanFits
+from wantune.bench.cases import tier_cases
+from wantune.bench.steps import resolve
+from wantune.train.memory import NoPlanFits
 from wan_model.configs import FLAVOURS
 from wan_model.flops import latent_grid
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from bench.cases import TINY_SIZE, Case
+from wantune.bench.cases import TINY_SIZE, Case
 from wan_model.flops import forward_flops, sampling_flops, step_flops
-from bench.steps import StepSettings, build_step, make_batch, set_attention
-from bench.timing import matmul_rate, peak_memory, reset_memory, set_memory_cap, sync, time_call, time_steps
+from wantune.bench.steps import StepSettings, build_step, make_batch, set_attention
+from wantune.bench.timing import matmul_rate, peak_memory, reset_memory, set_memory_cap, sync, time_call, time_steps
 from wan_model.configs import get_flavour
 
 
@@ -125,7 +125,7 @@ def resolve_settings(s: StepSettings, opts: Options) -> StepSettings:
 
 def run_ours(case: Case, opts: Options, settings: StepSettings, budget_s: float) -> dict:
     if case.processes > 1:
-        from bench.distributed import run_distributed
+        from wantune.bench.distributed import run_distributed
 
         return run_distributed(case, opts, settings, budget_s)
     flavour = flavour_name(case, opts)
@@ -175,7 +175,7 @@ def run_ours(case: Case, opts: Options, settings: StepSettings, budget_s: float)
 
 
 def run_reference(case: Case, opts: Options, budget_s: float) -> dict:
-    from bench.reference import ReferenceLoraStep
+    from wantune.bench.reference import ReferenceLoraStep
 
     flavour = flavour_name(case, opts)
     cfg = get_flavour(flavour).dit
@@ -224,7 +224,7 @@ def run_vae(case: Case, opts: Options, ours: bool) -> dict:
         vae.set_chunks(encode=case.vae_chunk)
         encode = lambda v: vae.encode(v)  # noqa: E731
     else:
-        from bench.reference import build_vae, vae_encode
+        from wantune.bench.reference import build_vae, vae_encode
 
         vae = build_vae(get_flavour(flavour).vae, opts.device, vae_dtype(opts))
         encode = lambda v: vae_encode(vae, v)  # noqa: E731
@@ -280,7 +280,7 @@ def run_sample(case: Case, opts: Options, ours: bool) -> dict:
             return sample(model, [ctx[0]], [neg[0]], frames=f, height=h, width=w, steps=n, shift=5.0,
                           guidance=5.0, device=opts.device, dtype=torch.bfloat16, progress=False)
     else:
-        from bench.reference import build_pipeline, build_transformer, pipeline_latents
+        from wantune.bench.reference import build_pipeline, build_transformer, pipeline_latents
 
         set_attention(case.ref_attention)
         pipe = build_pipeline(build_transformer(cfg, opts.device))

@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from train.config import Recipe
-from train.loop import build_model
-from train.memory import apply_plan, default_plan, plan_recipe, planner_for
-from train.objective import flow_loss, noisy_input
-from train.optim import build_optimizer
+from wantune.train.config import Recipe
+from wantune.train.loop import build_model
+from wantune.train.memory import apply_plan, default_plan, plan_recipe, planner_for
+from wantune.train.objective import flow_loss, noisy_input
+from wantune.train.optim import build_optimizer
 from wan_model import attention
 from wan_model.transformer import WanModel
 
@@ -112,7 +112,7 @@ def resolve(s: StepSettings, cfg, grid: tuple, batch: int, device, cap_gib: floa
 
 def make_optimizer(params, s: StepSettings, device) -> torch.optim.Optimizer:
     if s.fused_adamw or torch.device(device).type != "cuda":
-        from train.config import OptimConfig
+        from wantune.train.config import OptimConfig
 
         return build_optimizer(params, OptimConfig(name="adamw", lr=s.lr, weight_decay=0.01),
                                torch.device(device).type)

@@ -70,7 +70,7 @@ def fault(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """A 4-clip synthetic corpus (clips/) and a tiny random model (model/), made once."""
-    from train.demo import write_corpus
+    from wantune.train.demo import write_corpus
     from wan_model.random_weights import write_random_checkpoint
 
     d = tmp_path_factory.mktemp("tiny_assets")

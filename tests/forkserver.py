@@ -30,8 +30,8 @@ SERVER = textwrap.dedent("""
         import decord  # noqa: F401
     except ImportError:
         pass
-    import train.loop, data.cache  # noqa: F401
-    from tools import cache as cache_tool
+    import wantune.data.cache, wantune.train.loop  # noqa: F401
+    from wantune.tools import cache as cache_tool
     spec = importlib.util.spec_from_file_location("wantune_train_script", os.path.join(ROOT, "train.py"))
     train_script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_script)

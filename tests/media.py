@@ -146,7 +146,7 @@ class FakeCLIP:
 
 def fake_encoders(i2v: bool = False, identity: dict | None = None):
     """data.cache.Encoders around fresh fakes; `.loads` counts how often each was loaded."""
-    from data.cache import Encoders
+    from wantune.data.cache import Encoders
 
     made = {"vae": [], "text": [], "clip": []}
 

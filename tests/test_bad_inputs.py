@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.config import DataConfig, SourceConfig
-from data.plan import scan
-from data.report import format_report
+from wantune.data.config import DataConfig, SourceConfig
+from wantune.data.plan import scan
+from wantune.data.report import format_report
 from tests.media import write_corrupt, write_image, write_video
 from tests.runs import ROOT, train_argv
 from wan_model.lora import LoraError, LoraWeights, Lora, apply_loras, merge_into_state_dict, read_lora
@@ -351,7 +351,7 @@ def test_k01_nan_or_inf_in_a_cache_file(forkserver, tiny_assets, trained, tmp_pa
 
 
 def test_k02_encoder_output_nan_is_reported_and_skipped(tmp_path):
-    from data.cache import build_cache
+    from wantune.data.cache import build_cache
     from tests.media import FakeVAE, fake_encoders
 
     for i in range(3):  # three lengths: three different files

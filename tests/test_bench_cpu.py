@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import report
-from bench.cases import all_cases, select
+from wantune.bench import report
+from wantune.bench.cases import all_cases, select
 from wan_model.flops import forward_flops, step_flops
 from wan_model.configs import FLAVOURS
 

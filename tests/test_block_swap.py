@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from train.adapters import add_lora
-from train.config import LoraConfig
+from wantune.train.adapters import add_lora
+from wantune.train.config import LoraConfig
 from wan_model.block_swap import BlockSwap, enable_block_swap
 from wan_model.configs import FLAVOURS
 from wan_model.fp8 import quantize_linears_

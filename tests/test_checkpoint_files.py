@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.runs import dead_pid
-from train import checkpoint
+from wantune.train import checkpoint
 from wan_model.atomic import WriteError
 
 

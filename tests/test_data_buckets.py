@@ -1,7 +1,7 @@
 """Aspect buckets on a 16-pixel grid at target areas; no upscaling unless asked."""
 import math
 
-from data.buckets import bucket_sizes, choose_size, nearest_size
+from wantune.data.buckets import bucket_sizes, choose_size, nearest_size
 
 AREA = 832 * 480
 

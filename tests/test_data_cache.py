@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.cache import build_cache, cache_settings, first_frame_condition, verify_cache
-from data.cache_files import StaleCacheError, read_manifest
-from data.config import DataConfig, SourceConfig
-from data.dataset import CachedDataset
-from data.plan import scan
+from wantune.data.cache import build_cache, cache_settings, first_frame_condition, verify_cache
+from wantune.data.cache_files import StaleCacheError, read_manifest
+from wantune.data.config import DataConfig, SourceConfig
+from wantune.data.dataset import CachedDataset
+from wantune.data.plan import scan
 from tests.media import FakeVAE, fake_encoders, frame_index_of, write_image, write_video
 
 

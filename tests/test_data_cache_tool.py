@@ -5,13 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.cache import cache_settings, conditioning_is_i2v, first_frame_condition, model_identity
-from data.cache_files import read_manifest
-from data.dataset import CachedDataset
-from data.decode import read_frames, resize_crop, to_model_range
-from data.recipe import load_data_recipe
+from wantune.data.cache import cache_settings, conditioning_is_i2v, first_frame_condition, model_identity
+from wantune.data.cache_files import read_manifest
+from wantune.data.dataset import CachedDataset
+from wantune.data.decode import read_frames, resize_crop, to_model_range
+from wantune.data.recipe import load_data_recipe
 from tests.media import write_image, write_video
-from tools import cache as cache_tool
+from wantune.tools import cache as cache_tool
 
 
 @pytest.fixture(scope="module")

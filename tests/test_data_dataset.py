@@ -5,10 +5,10 @@ from collections import Counter
 import pytest
 import torch
 
-from data.cache import build_cache
-from data.config import DataConfig, SourceConfig
-from data.dataset import BucketBatchSampler, CachedDataset, collate
-from data.plan import scan
+from wantune.data.cache import build_cache
+from wantune.data.config import DataConfig, SourceConfig
+from wantune.data.dataset import BucketBatchSampler, CachedDataset, collate
+from wantune.data.plan import scan
 from tests.media import fake_encoders, write_image, write_video
 
 BUCKETS = [(64, 48, 17)] * 7 + [(48, 64, 17)] * 4 + [(64, 48, 1)] * 2

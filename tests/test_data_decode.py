@@ -3,7 +3,7 @@ fps resampling, resize + centre crop."""
 import numpy as np
 import pytest
 
-from data.decode import (MediaError, pick_frame_bucket, probe, read_frames, resampled_length,
+from wantune.data.decode import (MediaError, pick_frame_bucket, probe, read_frames, resampled_length,
                          resize_crop, source_indices, window_starts)
 from tests.media import frame_index_of, make_corpus, write_gif
 

@@ -4,11 +4,11 @@ import shutil
 
 import pytest
 
-from data.config import DataConfig, SourceConfig
-from data.plan import scan
-from data.report import bucket_table, format_report
+from wantune.data.config import DataConfig, SourceConfig
+from wantune.data.plan import scan
+from wantune.data.report import bucket_table, format_report
 from tests.media import make_corpus, write_gif, write_video
-from tools import inspect_dataset
+from wantune.tools import inspect_dataset
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_inspect_dataset_exit_status(corpus, tmp_path, capsys):
 
 
 def test_fallback_recipe_loader_reads_model_and_data_only(corpus, tmp_path):
-    from data.recipe import RecipeError, load_data_recipe
+    from wantune.data.recipe import RecipeError, load_data_recipe
 
     recipe = write_recipe(tmp_path / "r.yaml", corpus, tmp_path / "cache")
     recipe.write_text(recipe.read_text() + "train: {whatever: 1}\n")

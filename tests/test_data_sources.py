@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from data.config import DataConfig, SourceConfig
-from data.sources import apply_trigger, detect_kind, list_source
+from wantune.data.config import DataConfig, SourceConfig
+from wantune.data.sources import apply_trigger, detect_kind, list_source
 from tests.media import write_image, write_video
 
 

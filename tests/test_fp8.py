@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from train.adapters import add_lora
-from train.config import LoraConfig
+from wantune.train.adapters import add_lora
+from wantune.train.config import LoraConfig
 from wan_model.configs import FLAVOURS
 from wan_model.fp8 import FP8_DTYPE, FP8Linear, dequantize_rows, quantize_linears_, quantize_rows
 from wan_model.transformer import WanModel

@@ -11,9 +11,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from bench.cases import FAST, FAST_EAGER
-from bench.run import build_random_dit
-from bench.steps import build_step, make_batch, with_changes
+from wantune.bench.cases import FAST, FAST_EAGER
+from wantune.bench.run import build_random_dit
+from wantune.bench.steps import build_step, make_batch, with_changes
 from wan_model import attention
 from wan_model.configs import FLAVOURS
 

@@ -72,7 +72,7 @@ def test_diffusers_twin_resolves_to_its_folders(hub, tiny):
     assert names == {"transformer": "transformer", "vae": "vae", "text_encoder": "text_encoder",
                      "tokenizer": "tokenizer"}
     assert "scheduler/scheduler_config.json" not in hub.downloads()
-    from tools import verify_weights
+    from wantune.tools import verify_weights
 
     assert verify_weights.main([DIFFUSERS]) == 0  # every component loads from the twin's layout
     import wan_model
@@ -137,8 +137,8 @@ def test_wrong_repos_are_explained(hub, tiny):
 
 
 def test_cache_tool_takes_a_repo_id_without_the_dit_weights(hub, tiny, tmp_path):
-    from tools import cache as cache_tool
-    from train.demo import write_corpus
+    from wantune.tools import cache as cache_tool
+    from wantune.train.demo import write_corpus
 
     serve(hub, tiny)
     write_corpus(tmp_path / "clips", num_clips=1)

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_lora_formats import random_lora
-from tools import convert_lora, extract_lora, inspect_lora, merge_lora
+from wantune.tools import convert_lora, extract_lora, inspect_lora, merge_lora
 from wan_model.configs import get_flavour
 from wan_model.convert import dit_to_diffusers
 from wan_model.lora import lora_state_dict, merge_into_state_dict, read_lora, write_lora

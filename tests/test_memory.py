@@ -6,11 +6,11 @@ import dataclasses
 import pytest
 import torch
 
-from train.config import Recipe
-from train.loop import batch_generators, build_model, compute_loss
-from train.memory import (GIB, Budget, Plan, apply_plan, default_plan, fixed_levers, planner_for)
-from train.memory_trace import LiveBytes
-from train.optim import build_optimizer
+from wantune.train.config import Recipe
+from wantune.train.loop import batch_generators, build_model, compute_loss
+from wantune.train.memory import (GIB, Budget, Plan, apply_plan, default_plan, fixed_levers, planner_for)
+from wantune.train.memory_trace import LiveBytes
+from wantune.train.optim import build_optimizer
 from wan_model.configs import get_flavour
 from wan_model.transformer import WanModel
 
@@ -158,8 +158,8 @@ def test_each_traced_block_runs_as_its_own_kind(monkeypatch):
     offload, neither. The model's own levers are prefixes (first N blocks), which cannot say
     that; a trace set up through them offloaded the keep-only block instead of the offload-only
     one and priced every offload-heavy plan as if nothing left the device."""
-    from train.memory import KINDS
-    from train.memory_trace import StepSetup, trace_step
+    from wantune.train.memory import KINDS
+    from wantune.train.memory_trace import StepSetup, trace_step
     from wan_model import checkpointing
 
     seen = []
@@ -196,7 +196,7 @@ def test_each_traced_block_runs_as_its_own_kind(monkeypatch):
 def test_sequence_parallel_plans_for_one_ranks_share():
     """With train.sequence_parallel=N a GPU's blocks hold 1/N of the tokens: the plan is made for
     that share, so a sample too large for one card can be planned for a group of them."""
-    from train.memory import plan_recipe, rank_grid, tokens_of
+    from wantune.train.memory import plan_recipe, rank_grid, tokens_of
 
     assert rank_grid(CFG, GRID, 1) == GRID
     assert tokens_of(CFG, rank_grid(CFG, GRID, 2)) == 160  # 320 tokens: 5 x 4 x 8 per rank

@@ -28,7 +28,7 @@ RUN = {"train.max_steps": 4, "checkpoint.every": 2, "train.optim.scheduler": "co
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("ranks")
-    from train.demo import write_corpus
+    from wantune.train.demo import write_corpus
     from wan_model.random_weights import write_random_checkpoint
 
     write_corpus(d / "clips", num_clips=4)
@@ -184,7 +184,7 @@ def test_two_machines_on_one_host_train_like_two_processes(workdir, straight):
 FAIL_ON_RANK_1 = """
 import os, runpy, sys
 sys.path.insert(0, {root!r})
-import train.loop as loop
+import wantune.train.loop as loop
 real, calls = loop.compute_loss, []
 def failing(*args, **kwargs):  # rank 1 fails in its second step while rank 0 waits for it
     calls.append(1)

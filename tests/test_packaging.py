@@ -15,7 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_FILES = ("pyproject.toml", "README.md", "wan_model", "wantune", "data", "train", "tools", "bench")
 # How the lines the demo prints start; the dataset report's lines come between its title and total.
-OUR_LINES = ("demo: ", "model: ", "cache: ", "previews for step ", "exported:", "  runs/demo/export/", "done: ")
+OUR_LINES = ("demo: ", "model: ", "cache: ", "previews for step ", "exported:", "  runs/demo/export/", "done: ",
+             "memory plan for ", "  predicted peak ", "  (step-time model ", "memory: ", "stages for ")
 BAR = re.compile(r"^[\w ./-]*:\s+\d+%\|")  # a tqdm progress bar
 
 
@@ -103,7 +104,7 @@ def test_quiet_hides_only_the_listed_notices():
 
 @pytest.mark.parametrize("extra, hidden", [([], True), (["--verbose"], False), (["run.log_level=verbose"], False)])
 def test_train_command_hides_notices_unless_verbose(monkeypatch, extra, hidden):
-    from train import cli, loop
+    from wantune.train import cli, loop
     from wan_model import quiet
 
     logger = logging.getLogger(quiet.LOGGED[0][0])
@@ -111,7 +112,7 @@ def test_train_command_hides_notices_unless_verbose(monkeypatch, extra, hidden):
 
     def fake_train(recipe):  # what the training would run under
         seen["hidden"] = any(isinstance(f, quiet._DropMessages) for f in logger.filters)
-        return {"exported": [], "step": 0, "seconds": 0.0}
+        return {"exported": [], "step": 0, "seconds": 0.0, "main_process": True}
 
     monkeypatch.setattr(loop, "train", fake_train)
     try:

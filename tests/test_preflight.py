@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.recipe import RecipeError
-from train.config import load_recipe
-from train.preflight import preflight
+from wantune.data.recipe import RecipeError
+from wantune.train.config import load_recipe
+from wantune.train.preflight import preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "recipes" / "demo.yaml")
@@ -20,7 +20,7 @@ DEMO = str(ROOT / "recipes" / "demo.yaml")
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from train.demo import write_corpus
+    from wantune.train.demo import write_corpus
     from wan_model.random_weights import write_random_checkpoint
 
     d = tmp_path_factory.mktemp("preflight")
@@ -90,7 +90,7 @@ def test_train_stops_before_caching_with_one_message(files, tmp_path):
 
 
 def test_cache_tool_checks_before_caching(files, tmp_path, capsys):
-    from tools import cache as cache_tool
+    from wantune.tools import cache as cache_tool
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {{root: {files / 't2v'}}}\ndata:\n  sources: [{{path: {files / 'clips'}}}]\n"
@@ -103,7 +103,7 @@ def test_cache_tool_checks_before_caching(files, tmp_path, capsys):
 def test_i2v_previews_without_an_image_start_from_a_corpus_frame(files, tmp_path, capsys):
     import av
 
-    from train.validation import Previewer
+    from wantune.train.validation import Previewer
     from wan_model import load_transformer
 
     clip = files / "clips" / "clip_00.mp4"

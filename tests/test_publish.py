@@ -8,8 +8,8 @@ import yaml
 
 from tests.conftest import HUB_TOKEN
 from tests.test_lora_formats import random_lora
-from tools import publish as publish_cli
-from train.publish import (PublishError, base_model_key, build_publish_folder, inputs_from_run,
+from wantune.tools import publish as publish_cli
+from wantune.train.publish import (PublishError, base_model_key, build_publish_folder, inputs_from_run,
                            push_to_hub, redact)
 from wan_model.lora import lora_metadata, read_lora, write_lora
 

@@ -104,7 +104,7 @@ def test_loading_peak_memory_near_one_copy(tmp_path, dtype):
 def test_verify_weights(tmp_path, monkeypatch):
     out = tmp_path / "m"
     write_random_checkpoint(out, "tiny-t2v", log=lambda *_: None)
-    from tools import verify_weights
+    from wantune.tools import verify_weights
 
     assert verify_weights.main([str(out), "--no-hash"]) == 1  # random files are not the official ones
     vae = out / "Wan2.1_VAE.pth"

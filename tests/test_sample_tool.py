@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tools import sample as tool
+from wantune.tools import sample as tool
 from wan_model.sampler import default_shift
 
 SMALL = ["--size", "48x32", "--frames", "5", "--steps", "2", "--dtype", "fp32", "--device", "cpu"]

@@ -26,7 +26,7 @@ def test_no_token_path_or_user_name_in_what_a_run_writes(forkserver, tiny_assets
     try:
         r = forkserver.run("train", argv, tmp_path, {**TOKENS, "WANDB_MODE": "offline"})
         assert r.returncode == 0, r.stderr[-3000:]
-        from tools import publish
+        from wantune.tools import publish
 
         for k, v in TOKENS.items():
             monkeypatch.setenv(k, v)

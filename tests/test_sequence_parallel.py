@@ -30,8 +30,8 @@ def test_shard_sizes_cover_the_tokens_in_order():
 
 
 def test_layout_groups_consecutive_ranks_and_names_the_fixes():
-    from train.config import RecipeError, load_recipe
-    from train.parallel import check_heads, make_layout
+    from wantune.train.config import RecipeError, load_recipe
+    from wantune.train.parallel import check_heads, make_layout
 
     lays = [make_layout(r, 8, 4) for r in range(8)]  # ranks 4..7 share the second sample stream
     assert [(x.dp_rank, x.sp_rank) for x in lays] == [(r // 4, r % 4) for r in range(8)]
@@ -72,7 +72,7 @@ CASES = {
 
 
 def _loss_and_grads(model, cfg, shape, seed=0):
-    from train.objective import flow_loss, noisy_input
+    from wantune.train.objective import flow_loss, noisy_input
 
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(shape, generator=g)
@@ -110,7 +110,7 @@ def _worker(rank: int, world: int, rendezvous: str) -> None:
     """Four ranks: two data-parallel groups of two, each group on its own sample. After the
     all-reduce (mean over all ranks, as DDP and ZeRO do) the gradient must be one process's
     mean over the two samples."""
-    from train.parallel import enable, make_layout
+    from wantune.train.parallel import enable, make_layout
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
@@ -150,7 +150,7 @@ def gloo_2() -> tuple:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("seqpar")
-    from train.demo import write_corpus
+    from wantune.train.demo import write_corpus
     from wan_model.random_weights import write_random_checkpoint
 
     write_corpus(d / "clips", num_clips=4)

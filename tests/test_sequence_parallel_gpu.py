@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cases():
-    from bench.cases import FAST, FAST_EAGER
+    from wantune.bench.cases import FAST, FAST_EAGER
     from wan_model.configs import FLAVOURS
 
     return [("1.3B-832x480x81-compiled", FLAVOURS["t2v-1.3B"].dit, (832, 480, 81), FAST),
@@ -42,9 +42,9 @@ def _loss_and_grads(step):
 
 
 def _worker(rank: int, world: int, rendezvous: str) -> None:
-    from bench.run import build_random_dit
-    from bench.steps import build_step, make_batch
-    from train.parallel import enable, make_layout
+    from wantune.bench.run import build_random_dit
+    from wantune.bench.steps import build_step, make_batch
+    from wantune.train.parallel import enable, make_layout
     from wan_model.sequence_parallel import disabled
 
     device = torch.device("cuda", rank)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.config import RecipeError, load_recipe
-from train.validation import decoder_placed
+from wantune.train.config import RecipeError, load_recipe
+from wantune.train.validation import decoder_placed
 from wan_model.configs import T5Config, VAEConfig
 from wan_model.device_memory import peak_of
 from wan_model.text_encoder import TextEncoder, UMT5Encoder, load_text_encoder
@@ -130,9 +130,9 @@ def test_tiled_vae_encode_working_set_does_not_grow_with_the_frame():
 
 @pytest.mark.parametrize("low_memory,calls", [(None, [3]), (True, [1, 1, 1])])
 def test_tiled_caching_encodes_one_clip_per_vae_call(tmp_path, low_memory, calls):
-    from data.cache import build_cache
-    from data.config import DataConfig, SourceConfig
-    from data.plan import scan
+    from wantune.data.cache import build_cache
+    from wantune.data.config import DataConfig, SourceConfig
+    from wantune.data.plan import scan
     from tests.media import fake_encoders, write_image
 
     (tmp_path / "clips").mkdir()
@@ -190,7 +190,7 @@ def test_preview_decoder_placement(decode, during, tiling):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("smallcards")
-    from train.demo import write_corpus
+    from wantune.train.demo import write_corpus
     from wan_model.random_weights import write_random_checkpoint
 
     write_corpus(d / "clips", num_clips=2)
@@ -207,7 +207,7 @@ def demo_overrides(d: Path, cache: str, **extra) -> list[str]:
 def test_cache_placement_keeps_the_cache_and_tiling_rebuilds_the_latents(workdir, capsys):
     from safetensors.torch import load_file
 
-    from tools import cache as cache_tool
+    from wantune.tools import cache as cache_tool
 
     def cache(name, **extra):
         code = cache_tool.main([DEMO, *demo_overrides(workdir, name, **extra), "--no-progress"])
@@ -235,8 +235,8 @@ def test_streamed_text_encoder_is_freed_before_the_vae_loads(workdir):
     refer to each other, so only the collector frees them) is gone when the VAE is loaded."""
     import weakref
 
-    from data.cache import build_cache, model_encoders
-    from data.plan import scan
+    from wantune.data.cache import build_cache, model_encoders
+    from wantune.data.plan import scan
 
     recipe = load_recipe(DEMO, demo_overrides(workdir, "c-freed", **{"data.text_encoder_device": "stream"}))
     enc, alive = model_encoders(recipe.model, recipe.data, False), []

@@ -9,7 +9,7 @@ and on the host. Each peak is printed (-s) for the memory planner to compare its
 import pytest
 import torch
 
-from train.validation import decoder_placed
+from wantune.train.validation import decoder_placed
 from wan_model.configs import T5Config, VAEConfig
 from wan_model.device_memory import GIB, free_memory, peak_of
 from wan_model.random_weights import random_fill

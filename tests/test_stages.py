@@ -3,9 +3,9 @@ placement, VAE tiling and the preview decode, each from the measured peaks; a re
 setting is never changed; a planned tiling is what the cache records."""
 import pytest
 
-from train.config import Recipe
-from train.memory import GIB, Budget
-from train.stages import plan_stages, preview_decode, text_encoder_device, vae_tiling
+from wantune.train.config import Recipe
+from wantune.train.memory import GIB, Budget
+from wantune.train.stages import plan_stages, preview_decode, text_encoder_device, vae_tiling
 
 AREA = 832 * 480
 
@@ -58,9 +58,9 @@ def test_a_planned_tiling_is_what_the_cache_records(tmp_path):
     from types import SimpleNamespace
 
     from tests.runs import DEMO
-    from train.config import load_recipe
-    from train.data_prep import prepare_cache, scan_corpus
-    from train.demo import write_corpus
+    from wantune.train.config import load_recipe
+    from wantune.train.data_prep import prepare_cache, scan_corpus
+    from wantune.train.demo import write_corpus
     from wan_model.random_weights import write_random_checkpoint
 
     write_corpus(tmp_path / "clips", num_clips=2)

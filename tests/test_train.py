@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.config import RecipeError, load_recipe
+from wantune.train.config import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def workdir(tmp_path_factory):
     """A corpus + tiny model + cache shared by the tests of this file."""
     d = tmp_path_factory.mktemp("train")
-    from train.demo import write_corpus
+    from wantune.train.demo import write_corpus
     from wan_model.random_weights import write_random_checkpoint
 
     write_corpus(d / "clips", num_clips=4)
@@ -159,9 +159,9 @@ def test_bad_recipe_exits_2(workdir):
 
 def test_one_batch_overfit():
     """On one fixed batch and noise, LoRA training halves the loss of the tiny model."""
-    from train.adapters import add_lora
-    from train.config import LoraConfig
-    from train.objective import flow_loss, noisy_input
+    from wantune.train.adapters import add_lora
+    from wantune.train.config import LoraConfig
+    from wantune.train.objective import flow_loss, noisy_input
     from wan_model.configs import FLAVOURS
     from wan_model.transformer import WanModel
 
@@ -185,11 +185,11 @@ def test_one_batch_overfit():
 
 
 def test_lora_targets():
-    from train.adapters import resolve_lora_targets
+    from wantune.train.adapters import resolve_lora_targets
     from wan_model.configs import FLAVOURS
     from wan_model.transformer import WanModel
 
-    from train.config import DEFAULT_LORA_TARGETS
+    from wantune.train.config import DEFAULT_LORA_TARGETS
 
     t2v = WanModel(FLAVOURS["tiny-t2v"].dit)
     i2v = WanModel(FLAVOURS["tiny-i2v"].dit)

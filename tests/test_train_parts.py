@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from train.config import LoraConfig, OptimConfig, TimestepConfig
-from train.objective import loss_weights, noisy_input, sample_sigmas, shift_sigma
-from train.optim import build_optimizer, lr_factor
+from wantune.train.config import LoraConfig, OptimConfig, TimestepConfig
+from wantune.train.objective import loss_weights, noisy_input, sample_sigmas, shift_sigma
+from wantune.train.optim import build_optimizer, lr_factor
 
 
 @pytest.mark.parametrize("name", ["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "adafactor"])
@@ -75,7 +75,7 @@ def test_flow_matching_convention():
 
 
 def test_dora_trains_and_exports():
-    from train.adapters import add_lora, lora_state_dict
+    from wantune.train.adapters import add_lora, lora_state_dict
     from wan_model.configs import FLAVOURS
     from wan_model.lora import lora_from_peft
     from wan_model.transformer import WanModel
@@ -91,7 +91,7 @@ def test_dora_trains_and_exports():
 
 
 def test_ema_follows_weights():
-    from train.adapters import EMA
+    from wantune.train.adapters import EMA
 
     p = {"w": torch.zeros(3)}
     ema = EMA(p, decay=0.9)

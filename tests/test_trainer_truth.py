@@ -22,7 +22,7 @@ LR_FACTORS = [0.5, 1.0, 1.0]  # constant schedule after 2 linear warmup steps: (
 
 
 def recipe_for(argv):
-    from train.config import load_recipe
+    from wantune.train.config import load_recipe
 
     return load_recipe(str(DEMO), argv[1:])
 
@@ -33,8 +33,8 @@ def adamw_reference(argv, cache, world=1, steps=3) -> list[dict[str, torch.Tenso
     order) and noise (its own seed), every micro-batch, averaged, clipped to the total norm."""
     from accelerate.utils import set_seed
 
-    from data.dataset import BucketBatchSampler, CachedDataset, collate
-    from train.loop import batch_generators, build_model, compute_loss
+    from wantune.data.dataset import BucketBatchSampler, CachedDataset, collate
+    from wantune.train.loop import batch_generators, build_model, compute_loss
 
     recipe = recipe_for(argv)
     o, accum = recipe.train.optim, recipe.train.grad_accum
@@ -126,7 +126,7 @@ def test_two_ranks_train_their_own_shards_with_their_own_seeds(tiny_assets, cach
 
 def eval_loss(model, latents, context, seeds=8) -> float:
     """Flow-matching loss of `model` on one clip at fixed noise and levels (no training randomness)."""
-    from train.objective import flow_loss, noisy_input
+    from wantune.train.objective import flow_loss, noisy_input
 
     total = 0.0
     with torch.no_grad():
@@ -141,7 +141,7 @@ def eval_loss(model, latents, context, seeds=8) -> float:
 
 def trained_model(argv, step_dir):
     """The model as the trainer held it: built from the recipe, the checkpoint's tensors loaded."""
-    from train.loop import build_model
+    from wantune.train.loop import build_model
 
     model, _ = build_model(recipe_for(argv), "cpu")
     model.load_state_dict(load_file(str(step_dir / "trained.safetensors")), strict=False)
@@ -161,7 +161,7 @@ def one_clip(tiny_assets, tmp_path_factory):
 def test_one_clip_is_overfit_through_train_py(forkserver, one_clip):
     """40 steps on one clip cut its loss at fixed noise by more than 40% (measured: 2.51 -> 1.30 at
     lr 5e-3); an optimizer that climbs, or one that barely moves, fails."""
-    from data.dataset import CachedDataset
+    from wantune.data.dataset import CachedDataset
 
     argv = train_argv(one_clip, one_clip / "fit", one_clip / "cache", **{
         "train.max_steps": 40, "checkpoint.every": 40, "train.optim.lr": 1e-2, "train.caption_dropout": 0.0,
@@ -255,7 +255,7 @@ def test_ema_follows_its_recursion_is_exported_and_survives_resume(forkserver, t
 
 
 def test_a_changed_caption_is_recached_through_train_py(forkserver, tiny_assets, tmp_path):
-    from data.dataset import CachedDataset
+    from wantune.data.dataset import CachedDataset
 
     clips = tmp_path / "clips"
     shutil.copytree(tiny_assets / "clips", clips)

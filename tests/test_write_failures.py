@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from safetensors.torch import load_file
 
-from data.dataset import CachedDataset
+from wantune.data.dataset import CachedDataset
 from tests.runs import train_argv, tree
 
 SCHED = {"lora.dropout": 0.1, "export.formats": "[wantune]"}

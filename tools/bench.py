@@ -32,11 +32,11 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 
-from bench import report  # noqa: E402
-from bench.cases import Case, all_cases, select  # noqa: E402
-from bench.pipeline import run_cache_stage, run_train_previews  # noqa: E402
-from bench.run import Options, run_matmul, run_ours, run_reference, run_sample, run_vae  # noqa: E402
-from bench.timing import reset_memory, set_memory_cap  # noqa: E402
+from wantune.bench import report  # noqa: E402
+from wantune.bench.cases import Case, all_cases, select  # noqa: E402
+from wantune.bench.pipeline import run_cache_stage, run_train_previews  # noqa: E402
+from wantune.bench.run import Options, run_matmul, run_ours, run_reference, run_sample, run_vae  # noqa: E402
+from wantune.bench.timing import reset_memory, set_memory_cap  # noqa: E402
 
 
 def parse_args(argv):

@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
 
-from data.cache import build_cache, model_encoders, scan_with_report  # noqa: E402
-from data.preflight import CACHE_COMPONENTS, data_problems, fetch_model, report  # noqa: E402
-from data.recipe import add_recipe_arguments, recipe_from_args  # noqa: E402
+from wantune.data.cache import build_cache, model_encoders, scan_with_report  # noqa: E402
+from wantune.data.preflight import CACHE_COMPONENTS, data_problems, fetch_model, report  # noqa: E402
+from wantune.data.recipe import add_recipe_arguments, recipe_from_args  # noqa: E402
 from wan_model.atomic import WriteError  # noqa: E402
 from wan_model.quiet import quiet_third_party  # noqa: E402
 
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             print("nothing usable to cache (see the report above)", file=sys.stderr)
         return 1
     if state.device.type == "cuda":  # data.text_encoder_device auto, data.low_memory null: planned
-        from train.memory import device_budget
-        from train.stages import plan_stages
+        from wantune.train.memory import device_budget
+        from wantune.train.stages import plan_stages
 
         area = max(item.bucket.width * item.bucket.height for item in plan.items)
         cfg = plan_stages(recipe, device_budget(state.device), area,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
 
-from data.cache_files import read_probes  # noqa: E402
-from data.plan import scan  # noqa: E402
-from data.recipe import add_recipe_arguments, recipe_from_args  # noqa: E402
-from data.report import format_report  # noqa: E402
+from wantune.data.cache_files import read_probes  # noqa: E402
+from wantune.data.plan import scan  # noqa: E402
+from wantune.data.recipe import add_recipe_arguments, recipe_from_args  # noqa: E402
+from wantune.data.report import format_report  # noqa: E402
 from wan_model.quiet import quiet_third_party  # noqa: E402
 
 

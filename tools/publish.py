@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
 
-from train.publish import (HF_BASE_MODELS, PublishError, build_publish_folder,  # noqa: E402
+from wantune.train.publish import (HF_BASE_MODELS, PublishError, build_publish_folder,  # noqa: E402
                            civitai_package, inputs_from_run, make_inputs, push_to_hub)
 from wan_model.lora import LoraError  # noqa: E402
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.config import SourceConfig  # noqa: E402
-from train.config import Recipe  # noqa: E402
+from wantune.data.config import SourceConfig  # noqa: E402
+from wantune.train.config import Recipe  # noqa: E402
 
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
 

@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 
-from data.recipe import RecipeError, add_recipe_arguments, recipe_from_args
+from wantune.data.recipe import RecipeError, add_recipe_arguments, recipe_from_args
 from wan_model.quiet import quiet_third_party
 
 

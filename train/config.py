@@ -13,8 +13,8 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from data.config import DataConfig
-from data.recipe import RecipeError, load_sections  # noqa: F401 (RecipeError: part of this API)
+from wantune.data.config import DataConfig
+from wantune.data.recipe import RecipeError, load_sections  # noqa: F401 (RecipeError: part of this API)
 from wan_model.paths import ModelPaths
 
 DEFAULT_LORA_TARGETS = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",

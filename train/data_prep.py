@@ -9,10 +9,10 @@ import dataclasses
 
 from pathlib import Path
 
-from data.cache import (build_cache, cache_settings, conditioning_is_i2v, model_encoders,
+from wantune.data.cache import (build_cache, cache_settings, conditioning_is_i2v, model_encoders,
                         model_identity, scan_with_report, verify_cache)
-from data.cache_files import MANIFEST
-from data.report import bucket_table
+from wantune.data.cache_files import MANIFEST
+from wantune.data.report import bucket_table
 
 
 def scan_corpus(recipe, acc):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from data.dataset import BucketBatchSampler, CachedDataset, collate
+from wantune.data.dataset import BucketBatchSampler, CachedDataset, collate
 from wan_model import attention, faults
 from wan_model.atomic import write_text_atomic
 from wan_model.dit_io import load_transformer

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from data.preflight import data_problems, fetch_model, report, writable_problem
-from data.recipe import RecipeError
+from wantune.data.preflight import data_problems, fetch_model, report, writable_problem
+from wantune.data.recipe import RecipeError
 
 from . import checkpoint
 from .validation import preview_problems

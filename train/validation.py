@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from data.cache import load_text
+from wantune.data.cache import load_text
 from wan_model import sequence_parallel
 from wan_model.media import write_contact_sheet, write_video
 from wan_model.sampler import PromptSpec, WanSampler, load_prompts_file
@@ -57,7 +57,7 @@ def first_frame(clip: str | Path):
     """Frame 0 of a clip or image, as a PIL image."""
     from PIL import Image
 
-    from data.decode import probe, read_frames
+    from wantune.data.decode import probe, read_frames
 
     return Image.fromarray(read_frames(clip, [0], probe(clip).backend)[0])
 
