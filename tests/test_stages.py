@@ -51,7 +51,7 @@ def test_plan_stages_resolves_auto_only_and_counts_the_resident_training_state()
     assert lines == []
 
 
-def test_a_planned_tiling_is_what_the_cache_records(tmp_path):
+def test_a_planned_tiling_is_what_the_cache_records(tiny_assets, tmp_path):
     """Training scans the corpus before the stages are planned; the cache it then builds must
     record the planned tiling, or the next run finds it stale and encodes everything again."""
     import copy
@@ -60,13 +60,9 @@ def test_a_planned_tiling_is_what_the_cache_records(tmp_path):
     from tests.runs import DEMO
     from wantune.train.config import load_recipe
     from wantune.train.data_prep import prepare_cache, scan_corpus
-    from wantune.train.demo import write_corpus
-    from wan_model.random_weights import write_random_checkpoint
 
-    write_corpus(tmp_path / "clips", num_clips=2)
-    write_random_checkpoint(tmp_path / "model", "tiny-t2v", log=lambda *_: None)
-    recipe = load_recipe(str(DEMO), [f"model.root={tmp_path / 'model'}", f"data.cache_dir={tmp_path / 'cache'}",
-                                     f"data.sources=[{{path: {tmp_path / 'clips'}}}]", "demo.enabled=False"])
+    recipe = load_recipe(str(DEMO), [f"model.root={tiny_assets / 'model'}", f"data.cache_dir={tmp_path / 'cache'}",
+                                     f"data.sources=[{{path: {tiny_assets / 'clips'}}}]", "demo.enabled=False"])
     printed = []
     acc = SimpleNamespace(print=printed.append, device=__import__("torch").device("cpu"), process_index=0,
                           num_processes=1, is_main_process=True, wait_for_everyone=lambda: None)
