@@ -120,3 +120,28 @@ def test_fp8_weight_refuses_training():
     f8.weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match="frozen"):
         f8(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_backward_keeps_only_the_float8_weight(compiled):
+    """What a step keeps for an fp8 Linear's backward is the float8 weight and its scales: no
+    dequantised copy, also when the block is compiled (the matmul is a custom op that a
+    compiled graph cannot look into)."""
+    torch.manual_seed(0)
+    lin = FP8Linear.from_linear(nn.Linear(96, 64), torch.float32)
+    fn = torch.compile(lin, backend="aot_eager") if compiled else lin
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    x = torch.randn(4, 96, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(x)
+    y.square().sum().backward()
+    weights = [dt for shape, dt in saved if shape == (64, 96)]
+    assert weights == [FP8_DTYPE], saved
+    ref = x.detach().requires_grad_(True)
+    torch.nn.functional.linear(ref, lin.dequantized_weight(torch.float32), lin.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad)

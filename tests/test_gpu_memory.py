@@ -21,7 +21,8 @@ pytestmark = pytest.mark.gpu
 
 CFG = replace(FLAVOURS["t2v-1.3B"].dit, num_layers=8)
 SIZE = (832, 480, 81)
-CASES = [FAST, with_changes(FAST, checkpointing="offload"),
+CASES = [FAST, with_changes(FAST, checkpointing="offload"), with_changes(FAST, base_dtype="fp8"),
+         with_changes(FAST, checkpointing="offload", base_dtype="fp8"),
          FAST_EAGER, with_changes(FAST_EAGER, checkpointing="full"),
          with_changes(FAST_EAGER, selective_blocks=3),
          with_changes(FAST_EAGER, checkpointing="offload", base_dtype="fp8"),

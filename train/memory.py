@@ -316,19 +316,10 @@ class Planner:
                 offs = [fx["offload"]] if "offload" in fx else (host_grid if ck else [0])
                 swaps = [fx["block_swap"]] if "block_swap" in fx else (host_grid if (ck and swappable) else [0])
                 for s in swaps:
-                    if base == "fp8" and "base_dtype" not in fx and self._compiled_fp8(s):
-                        continue
                     for o in offs:
                         for k in keeps:
                             out.append(Plan(ck, min(k, n), min(o, n), min(s, n), base))
         return out
-
-    def _compiled_fp8(self, block_swap: int) -> bool:
-        """Whether fp8 base weights would run in compiled blocks. Measured on an H200 (8 blocks
-        of the 1.3B width, 832x480x81): a compiled block keeps dequantised copies for its
-        backward, 14.9 GiB against 7.2 GiB in bf16, so the planner never picks that; swapped
-        blocks run eager, where fp8 halves the weights as meant."""
-        return self.compiled and self.device.type == "cuda" and block_swap < self.n
 
     def choose(self, budget: Budget, exact_checks: int = 6) -> "Choice":
         """The fastest plan whose exact prediction fits. Every candidate is first estimated from

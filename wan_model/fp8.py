@@ -12,7 +12,8 @@ otherwise copy the float8 dtype of `weight`).
 
 The matmul runs in the compute dtype (bf16 under autocast) on a weight dequantised just before
 use; backward dequantises again instead of keeping the bf16 copy alive, so the saved state per
-Linear is the float8 weight only (that matters without activation checkpointing).
+Linear is the float8 weight only (that matters without activation checkpointing). Both are
+custom ops, so a compiled block keeps exactly that too.
 
 Call `quantize_linears_(model)` after loading and before or after `add_lora`; do not call
 `model.to(dtype)` afterwards (it would cast the float8 weights like any float tensor).
@@ -42,22 +43,43 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return q.to(dtype) * scale.to(dtype)[:, None]
 
 
-class _FP8Matmul(torch.autograd.Function):
-    """y = x W^T + b with W dequantised on use; saves the float8 W, not a bf16 copy."""
+@torch.library.custom_op("wantune::fp8_linear", mutates_args=())
+def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x W^T + b with W dequantised on use. A custom op (opaque to torch.compile): a
+    compiled graph could otherwise keep the dequantised bf16 W, or fuse the dequantisation
+    into the backward's saved set; its backward saves the float8 W and the scales only."""
+    w = dequantize_rows(q, scale, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
-    @staticmethod
-    def forward(ctx, x, q, scale, bias):
-        w = dequantize_rows(q, scale, x.dtype)
-        ctx.save_for_backward(q, scale)
-        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, scale = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize_rows(q, scale, grad_out.dtype)
-        return grad_x, None, None, None
+@fp8_linear.register_fake
+def _(x, q, scale, bias):
+    return x.new_empty(*x.shape[:-1], q.shape[0])
+
+
+@torch.library.custom_op("wantune::fp8_linear_input_grad", mutates_args=())
+def fp8_linear_input_grad(grad_out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return grad_out @ dequantize_rows(q, scale, grad_out.dtype)
+
+
+@fp8_linear_input_grad.register_fake
+def _(grad_out, q, scale):
+    return grad_out.new_empty(*grad_out.shape[:-1], q.shape[1])
+
+
+def _fp8_setup(ctx, inputs, output):
+    x, q, scale, bias = inputs
+    ctx.save_for_backward(q, scale)
+
+
+def _fp8_backward(ctx, grad_out):
+    q, scale = ctx.saved_tensors
+    grad_x = fp8_linear_input_grad(grad_out, q, scale) if ctx.needs_input_grad[0] else None
+    return grad_x, None, None, None
+
+
+fp8_linear.register_autograd(_fp8_backward, setup_context=_fp8_setup)
 
 
 def _compute_dtype_for(x: torch.Tensor, default: torch.dtype) -> torch.dtype:
@@ -106,7 +128,7 @@ class FP8Linear(nn.Linear):
                                "needs train.base_dtype fp32 or bf16")
         dtype = _compute_dtype_for(x, self.compute_dtype)
         with torch.autocast(x.device.type, enabled=False):
-            return _FP8Matmul.apply(x.to(dtype), self.weight, self.weight_scale, self.bias)
+            return fp8_linear(x.to(dtype), self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", weight=float8_e4m3fn (per-row scales)"
