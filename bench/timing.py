@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from wan_model.device_memory import free_memory
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -90,10 +92,12 @@ def matmul_rate(device: torch.device, n: int, dtype: torch.dtype, repeats: int =
 
 
 def reset_memory(device: torch.device) -> None:
+    """Between cases: every cached byte back, the pinned host memory of a swapped case too (the
+    next case's planner reads the host's free RAM)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+        free_memory()
         torch.cuda.reset_peak_memory_stats(device)
 
 

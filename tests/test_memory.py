@@ -8,7 +8,8 @@ import torch
 
 from wantune.train.config import Recipe
 from wantune.train.loop import batch_generators, build_model, compute_loss
-from wantune.train.memory import (GIB, Budget, Plan, apply_plan, default_plan, fixed_levers, planner_for)
+from wantune.train.memory import (GIB, Budget, Plan, advice, apply_plan, default_plan, fixed_levers,
+                                  planner_for)
 from wantune.train.memory_trace import LiveBytes
 from wantune.train.optim import build_optimizer
 from wan_model.configs import get_flavour
@@ -151,6 +152,9 @@ def test_host_ram_is_part_of_the_plan():
     starved = planner.choose(Budget(device, 1 << 20, "test"))  # 1 MiB of host RAM
     assert starved.best is None and starved.rejected_host
     assert "host RAM" in starved.report()
+    # the stop message blames the host's RAM, not the frames: the device had room
+    text = advice(_recipe(), CFG, GRID, 1, starved)
+    assert "pins at least" in text and "host RAM" in text and "at most about" not in text
 
 
 def test_each_traced_block_runs_as_its_own_kind(monkeypatch):

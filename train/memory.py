@@ -521,6 +521,17 @@ def plan_recipe(recipe, cfg, grid: tuple, batch: int, device, log=print):
 def advice(recipe, cfg, grid: tuple, batch: int, choice: Choice) -> str:
     """Why nothing fits and the recipe changes that would."""
     need, have = choice.frugal.needs(), choice.budget.device
+    if choice.rejected_host and need <= have:  # the device has room: host RAM is what is short
+        least = min(e.host for e in choice.rejected_host)
+        return (f"no memory plan fits: {len(choice.rejected_host)} plans fit the device's "
+                f"{have / GIB:.1f} GiB ({choice.budget.source}) for {_geometry(grid, batch)}, but each "
+                f"pins at least {least / GIB:.1f} GiB of host RAM (swapped weights, offloaded "
+                f"checkpoints) and {choice.budget.host / GIB:.1f} GiB is available "
+                f"({HOST_RESERVE_GIB:g} GiB left to the process). What would fit:\n"
+                "  - free host memory (other processes) or a machine with more RAM\n"
+                "  - fewer frames or a smaller area (data.frame_buckets, data.areas): fewer "
+                "offloaded bytes\n"
+                "  - a card with more memory: fewer blocks swapped")
     lines = [f"no memory plan fits: the most frugal plan ({choice.frugal.plan.describe(cfg.num_layers)}) "
              f"needs {need / GIB:.1f} GiB for {_geometry(grid, batch)}; the budget is "
              f"{have / GIB:.1f} GiB ({choice.budget.source}). What would fit:"]
