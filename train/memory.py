@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from wan_model.block_swap import pinned_size
 from wan_model.flops import latent_grid
 
 from .memory_trace import BlockKind, StepSetup, StepTrace, build_meta_model, trace_step
@@ -172,6 +173,11 @@ def _static_bytes(cfg, setup: StepSetup) -> dict:
     return {"total": nbytes(list(model.parameters()) + list(model.buffers())),
             "block_frozen": [nbytes([p for p in b.parameters() if not p.requires_grad] + list(b.buffers()))
                              for b in model.blocks],
+            # what a swapped block pins on the host: the pinned allocator rounds each tensor up
+            # to a power of two (wan_model/block_swap.py, HostPool)
+            "block_pinned": [sum(pinned_size(t.numel() * t.element_size()) for t in
+                                 [p for p in b.parameters() if not p.requires_grad] + list(b.buffers()))
+                             for b in model.blocks],
             "trained": nbytes(trained),
             "trained_numel": sum(p.numel() for p in trained),
             "largest_trained": max([p.numel() * p.element_size() for p in trained] or [0])}
@@ -256,11 +262,12 @@ class Planner:
             activations += int(workspace * L * self.cfg.dim * 4)
         optim_step = st["trained"] + step_temp
         device = weights + optim + grads_kept + max(activations, optim_step)
-        host = sum(swapped) + trace.host_peak(counts)
+        pinned = sum(st["block_pinned"][self.n - plan.block_swap:]) if plan.block_swap else 0
+        host = pinned + trace.host_peak(counts)
         if plan.block_swap:  # a swapped model is loaded to the host whole, then moved in part
             host = max(host, st["total"] + max(swapped))
         parts = {"weights": weights, "optimizer": optim, "activations": activations,
-                 "swapped_on_host": sum(swapped), "offloaded_on_host": trace.host_peak(counts)}
+                 "swapped_on_host": pinned, "offloaded_on_host": trace.host_peak(counts)}
         reserve = int(RESERVE_GIB * GIB) if self.device.type == "cuda" else 0
         return Estimate(plan, int(device), int(host), self.seconds(plan), parts, reserve)
 

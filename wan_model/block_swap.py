@@ -61,7 +61,7 @@ class HostPool:
     def __init__(self, total: int, pinned: bool, packed: bool = False):
         self.pinned, self.packed = pinned, packed
         # tiny models (tests) get one small buffer, not a quarter of a gigabyte
-        self.arena = min(self.ARENA, _pow2(total))
+        self.arena = min(self.ARENA, pinned_size(total))
         self.buffers: list[list] = []  # packed: [uint8 tensor, bytes used]
         self.single = 0  # bytes held by copies made one by one
 
@@ -69,12 +69,12 @@ class HostPool:
         nbytes = t.numel() * t.element_size()
         if not self.packed:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pinned)
-            self.single += _pow2(nbytes) if self.pinned else nbytes
+            self.single += pinned_size(nbytes) if self.pinned else nbytes
         else:
             need = -(-nbytes // self.ALIGN) * self.ALIGN
             slot = next((b for b in self.buffers if b[1] + need <= b[0].numel()), None)
             if slot is None:  # a tensor larger than the arena gets a buffer of its own size
-                slot = [torch.empty(max(self.arena, _pow2(need)), dtype=torch.uint8,
+                slot = [torch.empty(max(self.arena, pinned_size(need)), dtype=torch.uint8,
                                     pin_memory=self.pinned), 0]
                 self.buffers.append(slot)
             start, slot[1] = slot[1], slot[1] + need
@@ -86,7 +86,8 @@ class HostPool:
         return self.single + sum(b[0].numel() for b in self.buffers)
 
 
-def _pow2(n: int) -> int:
+def pinned_size(n: int) -> int:
+    """Bytes torch's pinned allocator takes for a request of `n` bytes: the next power of two."""
     return 1 << max(n - 1, 1).bit_length()
 
 
