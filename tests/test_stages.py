@@ -73,3 +73,35 @@ def test_a_planned_tiling_is_what_the_cache_records(tiny_assets, tmp_path):
         prepare_cache(planned, acc, scanned)
     built = [p for p in printed if str(p).startswith("cache:")]
     assert len(built) == 1 and "building" in built[0], printed
+
+
+def test_cache_tool_and_trainer_plan_the_corpus_through_one_function(monkeypatch):
+    """`plan_corpus_stages` serves both: the trainer's recipe (its train.memory_gib caps the
+    budget; memory off leaves every stage to its default) and the cache tool's model+data recipe
+    (no train section: the card's free memory)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import wantune.train.memory as memory
+    from wantune.data.recipe import DataRecipe
+    from wantune.train.stages import plan_corpus_stages
+
+    asked = []
+
+    def fake_budget(device, memory_gib=0.0):
+        asked.append(memory_gib)
+        return budget(memory_gib or 80)  # the "card" has 80 GiB free
+
+    monkeypatch.setattr(memory, "device_budget", fake_budget)
+    cuda = torch.device("cuda")  # a descriptor only: nothing runs on it
+    scanned = SimpleNamespace(items=[SimpleNamespace(bucket=SimpleNamespace(width=832, height=480))])
+    trainer = Recipe()
+    trainer.train.memory_gib = 8.0
+    out = plan_corpus_stages(trainer, scanned, cuda, log=lambda *a: None)
+    assert (out.data.text_encoder_device, out.data.low_memory) == ("stream", False)
+    cache = plan_corpus_stages(DataRecipe(), scanned, cuda, log=lambda *a: None)
+    assert (cache.data.text_encoder_device, cache.data.low_memory) == ("device", False)
+    assert asked == [8.0, 0.0]
+    trainer.train.memory = "off"
+    assert plan_corpus_stages(trainer, scanned, cuda, log=lambda *a: None).data.text_encoder_device == "auto"

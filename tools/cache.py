@@ -57,14 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         if state.is_main_process:
             print("nothing usable to cache (see the report above)", file=sys.stderr)
         return 1
-    if state.device.type == "cuda":  # data.text_encoder_device auto, data.low_memory null: planned
-        from wantune.train.memory import device_budget
-        from wantune.train.stages import plan_stages
+    # data.text_encoder_device auto, data.low_memory null: planned to the card (or train.memory_gib)
+    from wantune.train.stages import plan_corpus_stages
 
-        area = max(item.bucket.width * item.bucket.height for item in plan.items)
-        cfg = plan_stages(recipe, device_budget(state.device), area,
-                          log=print if state.is_main_process else (lambda *a: None)).data
-        plan = dataclasses.replace(plan, config=cfg)  # the cache records the tiling it used
+    cfg = plan_corpus_stages(recipe, plan, state.device,
+                             log=print if state.is_main_process else (lambda *a: None)).data
+    plan = dataclasses.replace(plan, config=cfg)  # the cache records the tiling it used
     encoders = model_encoders(recipe.model, cfg, i2v, state.device)
     try:
         run = build_cache(plan, encoders, i2v, rank, world, progress=progress,

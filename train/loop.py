@@ -157,9 +157,9 @@ def train(recipe: Recipe) -> dict:
 
     scanned = scan_corpus(recipe, acc)
     recipe, estimate = plan_memory(recipe, scanned, acc)  # before anything is loaded
-    from .stages import plan_training_stages
+    from .stages import plan_corpus_stages
 
-    recipe = plan_training_stages(recipe, scanned, estimate, acc.device, log=acc.print)  # T5, VAE, previews
+    recipe = plan_corpus_stages(recipe, scanned, acc.device, estimate, log=acc.print)  # T5, VAE, previews
     try:
         return _train(recipe, acc, scanned, estimate)
     except torch.OutOfMemoryError as e:

@@ -65,13 +65,17 @@ def plan_stages(recipe, budget: Budget, largest_area: int, resident: int = 0, lo
     return out
 
 
-def plan_training_stages(recipe, scanned, estimate, device, log=print):
-    """`plan_stages` for a training run: the budget the step was planned for, the largest
-    frame of the corpus, and the training state resident while previews render."""
+def plan_corpus_stages(recipe, scanned, device, estimate=None, log=print):
+    """`plan_stages` for a corpus about to be cached or trained on (`scanned`: the scan plan):
+    the run's budget (`train.memory_gib`, else the card's free memory), the largest frame of the
+    corpus and, when training (`estimate`: the step's memory plan), the training state resident
+    while previews render. The cache tool and the trainer both plan through here."""
     from .memory import device_budget
 
-    if recipe.train.memory == "off" or device.type != "cuda":
+    t = getattr(recipe, "train", None)  # the cache tool reads only the model and data sections
+    if (t is not None and t.memory == "off") or device.type != "cuda":
         return recipe  # auto then means device, as everywhere without a planner
     area = max(item.bucket.width * item.bucket.height for item in scanned.items)
     resident = 0 if estimate is None else estimate.parts["weights"] + estimate.parts["optimizer"]
-    return plan_stages(recipe, device_budget(device, recipe.train.memory_gib), area, resident, log)
+    budget = device_budget(device, t.memory_gib if t is not None else 0.0)
+    return plan_stages(recipe, budget, area, resident, log)
