@@ -37,6 +37,7 @@ from wantune.bench.cases import Case, all_cases, select  # noqa: E402
 from wantune.bench.pipeline import run_cache_stage, run_train_previews  # noqa: E402
 from wantune.bench.run import Options, run_matmul, run_ours, run_reference, run_sample, run_vae  # noqa: E402
 from wantune.bench.timing import reset_memory, set_memory_cap  # noqa: E402
+from wan_model.quiet import quiet_third_party  # noqa: E402
 
 
 def parse_args(argv):
@@ -65,6 +66,8 @@ def parse_args(argv):
                    help="run nothing: rebuild the table and BENCHMARKS.md from a results file")
     p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
                    help="keep cases of an earlier run today on this device in the same JSON")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show the third-party notices the trainer hides (wan_model/quiet.py)")
     return p.parse_args(argv)
 
 
@@ -159,6 +162,7 @@ def add_mfu(results: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_third_party(args.verbose)  # the bench logs read like the trainer's
     cases = all_cases()
     if args.list:
         for c in cases:
