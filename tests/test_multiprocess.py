@@ -204,3 +204,24 @@ def test_a_failing_rank_stops_every_rank_and_shows_its_error(workdir, tmp_path):
     assert run.returncode != 0
     assert "error: training failed on rank 1 of 2: RuntimeError: injected failure on rank 1" in err
     assert "done:" not in out
+
+
+def test_sequence_parallel_deepspeed_state_is_read_as_written(tmp_path, monkeypatch):
+    """With sequence parallel 2 on 2 processes the data position has 1 rank, but DeepSpeed wrote
+    its state from 2: resuming on the same 2 processes reads it as written (a universal
+    conversion, as large as the checkpoint, only when the number of processes changes)."""
+    import json
+    from types import SimpleNamespace
+
+    from wantune.train import reshard
+
+    step = tmp_path / "step-4"
+    (step / "deepspeed").mkdir(parents=True)
+    (step / "trainer.json").write_text(json.dumps({"step": 4, "sampler": {"world": 1}, "processes": 2}))
+    converted = []
+    monkeypatch.setattr(reshard, "_convert_to_universal", lambda src, dst: converted.append(dst))
+    acc = SimpleNamespace(num_processes=2, is_main_process=True, wait_for_everyone=lambda: None)
+    assert reshard.deepspeed_state_dir(acc, step, tmp_path) == step / "deepspeed" and not converted
+    # an older checkpoint (no "processes"): the data position's ranks are the processes
+    (step / "trainer.json").write_text(json.dumps({"step": 4, "sampler": {"world": 2}}))
+    assert reshard.deepspeed_state_dir(acc, step, tmp_path) == step / "deepspeed" and not converted

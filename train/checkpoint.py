@@ -213,7 +213,8 @@ def save_deepspeed_checkpoint(acc, output_dir, step: int, scheduler, sampler_sta
             save_safetensors_atomic({k: v.cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
         write_text_atomic(tmp / "recipe.yaml", recipe_yaml)
         write_text_atomic(tmp / "trainer.json", json.dumps(
-            {"step": step, "sampler": sampler_state, "scheduler": scheduler.state_dict()}, indent=2))
+            {"step": step, "sampler": sampler_state, "scheduler": scheduler.state_dict(),
+             "processes": acc.num_processes}, indent=2))
         replace_dir(tmp, final)
         prune_checkpoints(output_dir, keep_last, keep=final)
     acc.wait_for_everyone()

@@ -28,11 +28,21 @@ def saved_world(checkpoint_dir: Path) -> int | None:
     return None if world is None else int(world)
 
 
+def saved_processes(checkpoint_dir: Path) -> int | None:
+    """How many processes wrote the DeepSpeed state (ZeRO partitions over all of them). With
+    sequence parallel that is more than the data position's ranks (groups of N share a sample);
+    checkpoints from before this was recorded had no sequence parallel, so the two were equal."""
+    trainer = json.loads((Path(checkpoint_dir) / "trainer.json").read_text())
+    if "processes" in trainer:
+        return int(trainer["processes"])
+    return saved_world(checkpoint_dir)
+
+
 def deepspeed_state_dir(acc, checkpoint_dir: Path, work_dir: Path) -> Path:
-    """The folder `acc.load_state` reads the DeepSpeed state from. The same number of ranks reads
-    step-N/deepspeed as written; another number gets a universal conversion, and the engine is
-    told to load it that way. Call before `acc.prepare` (the engine reads its config there)."""
-    world = saved_world(checkpoint_dir)
+    """The folder `acc.load_state` reads the DeepSpeed state from. The same number of processes
+    reads step-N/deepspeed as written; another number gets a universal conversion, and the engine
+    is told to load it that way. Call before `acc.prepare` (the engine reads its config there)."""
+    world = saved_processes(checkpoint_dir)
     if world is None or world == acc.num_processes:
         return Path(checkpoint_dir) / "deepspeed"
     target = Path(work_dir) / f".universal-{Path(checkpoint_dir).name}"
