@@ -75,6 +75,11 @@ def test_wheel_installs_under_its_own_names_and_trains_the_demo_quietly(tmp_path
     assert (work / "runs" / "demo" / "export" / "demo.safetensors").is_file()
     assert "done: 2 steps" in r.stdout
     assert foreign_lines(r.stdout + "\n" + r.stderr) == []
+    # the bench of an installed wheel writes where it runs, never into site-packages
+    run([str(venv / "bin" / "wantune"), "bench", "--tiny", "--cases", "matmul", "--time-budget", "60"],
+        cwd=work, env=env)
+    assert list((work / "bench" / "results").glob("*.json")) and (work / "BENCHMARKS.md").is_file()
+    assert not list(site.rglob("results/*.json")) and not list(site.rglob("BENCHMARKS.md"))
 
 
 def test_quiet_hides_only_the_listed_notices():

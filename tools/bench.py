@@ -25,6 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# Where results go by default: the clone this file is in, or (installed from a wheel, where
+# REPO is inside site-packages) the directory the command runs in.
+HOME = REPO if (REPO / "pyproject.toml").exists() else Path.cwd()
 
 # Fewer fragmentation OOMs near the limits (both our steps and the reference get it); must be
 # set before CUDA starts. An explicit setting in the environment wins.
@@ -46,9 +49,9 @@ def parse_args(argv):
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--tiny", action="store_true", help="tiny flavour and sizes (tests; CPU or GPU)")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
-    p.add_argument("--work-dir", default=str(REPO / "bench" / "models"), help="random model files (reused)")
-    p.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
-    p.add_argument("--benchmarks-md", default=str(REPO / "BENCHMARKS.md"), help="'' to skip")
+    p.add_argument("--work-dir", default=str(HOME / "bench" / "models"), help="random model files (reused)")
+    p.add_argument("--results-dir", default=str(HOME / "bench" / "results"))
+    p.add_argument("--benchmarks-md", default=str(HOME / "BENCHMARKS.md"), help="'' to skip")
     p.add_argument("--time-budget", type=float, default=540.0,
                    help="seconds; a case whose estimate does not fit in what is left is skipped")
     p.add_argument("--weights", choices=("checkpoint", "direct"), default="checkpoint",
