@@ -66,6 +66,8 @@ def all_cases() -> list[Case]:
              size=SIZE_33, ref_checkpointing=False, estimate_s=10),
         Case("ref-lora-14B-81", "reference", "diffusers+PEFT 14B LoRA r32 832x480x81 (ckpt)",
              flavour="t2v-14B", estimate_s=60),
+        Case("ref-lora-14B-81-cudnn", "reference", "diffusers+PEFT 14B LoRA r32 832x480x81 (ckpt), "
+             "cuDNN attention first", flavour="t2v-14B", ref_attention="cudnn", estimate_s=60, default=False),
         Case("lora-14B-81", "ours", "14B LoRA r32 832x480x81", flavour="t2v-14B", settings=[
             lora14, with_changes(lora14, compile=False), with_changes(FAST_EAGER, checkpointing="full")],
             reference="ref-lora-14B-81", estimate_s=170),
