@@ -215,3 +215,12 @@ def test_sequence_parallel_plans_for_one_ranks_share():
     # the text (512 tokens of context) and the whole-sample ends do not shrink with the share
     assert two.parts["activations"] < 0.7 * one.parts["activations"], (one.parts, two.parts)
     assert any("sequence parallel 2, 160 of 320 tokens" in line for line in lines), lines
+    # the step-time model: a rank attends with half the heads over all 320 keys, so the two
+    # ranks' attention adds up to one GPU's (the Linears left out: an unbounded matmul rate)
+    from wantune.train.memory import Rates
+
+    rates = Rates(matmul=1e30, attention=1e12, copy=1e30, eager_overhead=0.0)
+    whole = planner_for(_recipe(), CFG, GRID, 1, "cpu", rates=rates)
+    half = planner_for(_recipe(sequence_parallel=2), CFG, rank_grid(CFG, GRID, 2), 1, "cpu", rates=rates)
+    plan = Plan(True, 0, 0, 0, "bf16")
+    assert 2 * half.seconds(plan) == pytest.approx(whole.seconds(plan), rel=1e-9)

@@ -209,8 +209,11 @@ class Planner:
 
     def __init__(self, cfg, setup: StepSetup, device, optimizer: str = "adamw",
                  compiled: bool = False, ema: bool = False, grad_accum: int = 1,
-                 rates: Rates | None = None, fixed: dict | None = None):
+                 rates: Rates | None = None, fixed: dict | None = None, sequence_parallel: int = 1):
+        """`setup` is one rank's share of the step; with `sequence_parallel` N its grid holds 1/N
+        of the sample's tokens (`rank_grid`), while its attention still sees all of them."""
         self.cfg, self.setup, self.device = cfg, setup, torch.device(device)
+        self.sp = max(1, sequence_parallel)
         self.n = cfg.num_layers
         self.optimizer, self.compiled, self.ema, self.grad_accum = optimizer, compiled, ema, grad_accum
         self.rates = rates or Rates()
@@ -279,8 +282,10 @@ class Planner:
         d, f = cfg.dim, cfg.ffn_dim
         ctx = cfg.text_len + (cfg.clip_tokens if cfg.is_i2v else 0)
         linear = 2 * L * (6 * d * d + 2 * d * f) + 2 * ctx * 2 * d * d  # per block, forward
-        attn = 4 * L * L * d + 4 * L * ctx * d
-        self_attn = 4 * L * L * d
+        # Ulysses: a rank attends with 1/N of the heads over the whole sequence, i.e. its
+        # L tokens' share of all L * N keys
+        self_attn = 4 * L * (L * self.sp) * d
+        attn = self_attn + 4 * L * ctx * d
         fwd = linear / r.matmul + attn / r.attention
         bwd = (1 if setup.mode == "lora" else 2) * linear / r.matmul + 2 * attn / r.attention
         t_block = fwd + bwd
@@ -492,7 +497,8 @@ def planner_for(recipe, cfg, grid: tuple, batch: int, device, rates: Rates | Non
     t = recipe.train
     return Planner(cfg, step_setup(recipe, grid, batch), device, optimizer=t.optim.name,
                    compiled=t.compile, ema=t.mode == "full" and recipe.full.ema,
-                   grad_accum=t.grad_accum, rates=rates, fixed=fixed_levers(t, cfg.num_layers))
+                   grad_accum=t.grad_accum, rates=rates, fixed=fixed_levers(t, cfg.num_layers),
+                   sequence_parallel=t.sequence_parallel)
 
 
 class NoPlanFits(RuntimeError):
