@@ -114,7 +114,8 @@ class TrainConfig:
                                 "has free (0 = the free memory).")
     base_dtype: Optional[str] = _f(None, "dtype of the frozen base weights for LoRA: fp32, bf16 or fp8 "
                                          "(e4m3 with per-row scales, upcast on use); null = planned "
-                                         "(bf16 unless only fp8 fits). Full training keeps fp32.")
+                                         "(fp8 when bf16 does not fit or fits only by recomputing more). Full "
+                                         "training keeps fp32.")
     gradient_checkpointing: Optional[bool] = _f(None, "Recompute block activations in backward "
                                                       "(saves memory); null = planned.")
     checkpoint_mode: Optional[str] = _f(None, "full (recompute whole blocks) or selective (keep "
