@@ -8,6 +8,8 @@
 #                                          # `multi zero3`, `multi zero3-save zero3-reshard`: its docstring)
 #   bash bench/gpu_run.sh seqpar [args...] # 2 GPUs: sequence parallel vs 1 GPU (14B 720p) and vs DDP (~9 min)
 #   bash bench/gpu_run.sh seqpar-tests     # 2 GPUs: sequence parallel equals one GPU (real sizes, trainer)
+#   bash bench/gpu_run.sh tiers [args...]  # the memory tiers; with 2 GPUs the 1.3B and 14B tiers side by
+#                                          # side (~6 min), then the caching tier (~3 min)
 # Installs the wheels carried in .whl/ (see the device notes in bench/NOTES.md), then writes logs,
 # results JSON and the BENCHMARKS.md table under $OUT (default bench/out).
 set -uo pipefail
@@ -37,6 +39,22 @@ if [ "$what" = seqpar ]; then  # weights drawn on each GPU: no 28 GB checkpoint 
   python3 tools/bench.py --cases 'lora-14B-720p,sp2-*,ddp2-*' --weights direct --time-budget 540 \
     --results-dir "$OUT/results" --benchmarks-md "$OUT/BENCHMARKS.md" "$@" 2>&1 | tee "$OUT/bench.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [ "$what" = tiers ]; then
+  T13='lora-1.3B-81-8G,lora-1.3B-81-12G,lora-1.3B-81-16G' T14='lora-14B-81-24G,i2v-14B-81-24G,lora-14B-81-16G'
+  tier() {  # GPU, cases, name: one bench process, its own results and work folder
+    mkdir -p "$OUT/$3"
+    CUDA_VISIBLE_DEVICES=$1 python3 tools/bench.py --weights direct --work-dir "bench/models-$3" --cases "$2" \
+      --max-steps 3 --step-seconds 10 --time-budget 400 --results-dir "$OUT/$3" \
+      --benchmarks-md "$OUT/$3/BENCHMARKS.md" "${@:4}" > "$OUT/$3/bench.log" 2>&1
+  }
+  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+    tier 0 "$T13" tiers-1.3B "$@" & tier 1 "$T14" tiers-14B "$@" & wait
+  else
+    tier 0 "$T13,$T14" tiers "$@"
+  fi
+  tier 0 cache-8G cache-8G "$@"
+  tail -n 12 "$OUT"/*/bench.log
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 tools/bench.py --results-dir "$OUT/results" --benchmarks-md "$OUT/BENCHMARKS.md" "$@" 2>&1 | tee "$OUT/bench.log"
