@@ -94,11 +94,12 @@ def matmul_rate(device: torch.device, n: int, dtype: torch.dtype, repeats: int =
 def reset_memory(device: torch.device) -> None:
     """Between cases: every cached byte back, the pinned host memory of a swapped case too (the
     next case's planner reads the host's free RAM)."""
-    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        free_memory()
+        free_memory()  # collects garbage first
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        gc.collect()
 
 
 def peak_memory(device: torch.device) -> dict:

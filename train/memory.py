@@ -170,14 +170,12 @@ def _static_bytes(cfg, setup: StepSetup) -> dict:
     def nbytes(ts):
         return sum(t.numel() * t.element_size() for t in ts)
     trained = [p for p in model.parameters() if p.requires_grad]
+    frozen = [[p for p in b.parameters() if not p.requires_grad] + list(b.buffers()) for b in model.blocks]
     return {"total": nbytes(list(model.parameters()) + list(model.buffers())),
-            "block_frozen": [nbytes([p for p in b.parameters() if not p.requires_grad] + list(b.buffers()))
-                             for b in model.blocks],
+            "block_frozen": [nbytes(ts) for ts in frozen],
             # what a swapped block pins on the host: the pinned allocator rounds each tensor up
             # to a power of two (wan_model/block_swap.py, HostPool)
-            "block_pinned": [sum(pinned_size(t.numel() * t.element_size()) for t in
-                                 [p for p in b.parameters() if not p.requires_grad] + list(b.buffers()))
-                             for b in model.blocks],
+            "block_pinned": [sum(pinned_size(t.numel() * t.element_size()) for t in ts) for ts in frozen],
             "trained": nbytes(trained),
             "trained_numel": sum(p.numel() for p in trained),
             "largest_trained": max([p.numel() * p.element_size() for p in trained] or [0])}
@@ -266,11 +264,12 @@ class Planner:
         optim_step = st["trained"] + step_temp
         device = weights + optim + grads_kept + max(activations, optim_step)
         pinned = sum(st["block_pinned"][self.n - plan.block_swap:]) if plan.block_swap else 0
-        host = pinned + trace.host_peak(counts)
+        offloaded = trace.host_peak(counts)
+        host = pinned + offloaded
         if plan.block_swap:  # a swapped model is loaded to the host whole, then moved in part
             host = max(host, st["total"] + max(swapped))
         parts = {"weights": weights, "optimizer": optim, "activations": activations,
-                 "swapped_on_host": pinned, "offloaded_on_host": trace.host_peak(counts)}
+                 "swapped_on_host": pinned, "offloaded_on_host": offloaded}
         reserve = int(RESERVE_GIB * GIB) if self.device.type == "cuda" else 0
         return Estimate(plan, int(device), int(host), self.seconds(plan), parts, reserve)
 

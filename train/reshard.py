@@ -20,11 +20,14 @@ import shutil
 from pathlib import Path
 
 
-def saved_world(checkpoint_dir: Path) -> int | None:
+def _trainer(checkpoint_dir: Path) -> dict:
+    return json.loads((Path(checkpoint_dir) / "trainer.json").read_text())
+
+
+def saved_world(checkpoint_dir: Path, trainer: dict | None = None) -> int | None:
     """How many ranks wrote the checkpoint (recorded with its data position; None: not recorded,
     an older checkpoint that the sampler refuses with its own message)."""
-    trainer = json.loads((Path(checkpoint_dir) / "trainer.json").read_text())
-    world = trainer.get("sampler", {}).get("world")
+    world = (trainer or _trainer(checkpoint_dir)).get("sampler", {}).get("world")
     return None if world is None else int(world)
 
 
@@ -32,10 +35,10 @@ def saved_processes(checkpoint_dir: Path) -> int | None:
     """How many processes wrote the DeepSpeed state (ZeRO partitions over all of them). With
     sequence parallel that is more than the data position's ranks (groups of N share a sample);
     checkpoints from before this was recorded had no sequence parallel, so the two were equal."""
-    trainer = json.loads((Path(checkpoint_dir) / "trainer.json").read_text())
+    trainer = _trainer(checkpoint_dir)
     if "processes" in trainer:
         return int(trainer["processes"])
-    return saved_world(checkpoint_dir)
+    return saved_world(checkpoint_dir, trainer)
 
 
 def deepspeed_state_dir(acc, checkpoint_dir: Path, work_dir: Path) -> Path:
