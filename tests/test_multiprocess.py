@@ -225,3 +225,31 @@ def test_sequence_parallel_deepspeed_state_is_read_as_written(tmp_path, monkeypa
     # an older checkpoint (no "processes"): the data position's ranks are the processes
     (step / "trainer.json").write_text(json.dumps({"step": 4, "sampler": {"world": 2}}))
     assert reshard.deepspeed_state_dir(acc, step, tmp_path) == step / "deepspeed" and not converted
+
+
+def test_universal_load_step_counters_go_where_torch_puts_them():
+    """DeepSpeed's universal load sets each AdamW `step` as saved, a CPU tensor; a fused AdamW on
+    the GPU then stops at its first step (seen on 2 H200s resuming a 2-GPU ZeRO-2 checkpoint on 1).
+    The counters must end where torch's own load_state_dict puts them (on the parameter's device,
+    float32, for fused or capturable groups; unchanged otherwise). `meta` stands in for the GPU."""
+    from types import SimpleNamespace
+
+    from wantune.train import reshard
+
+    def optimizer(**kw):
+        p = torch.nn.Parameter(torch.zeros(4, device="meta"))
+        opt = torch.optim.AdamW([p], **kw)
+        opt.state[p] = {"step": torch.tensor(6, dtype=torch.int64), "exp_avg": torch.zeros(4, device="meta")}
+        return opt, p
+
+    for kw in ({"fused": True}, {"capturable": True}, {}):
+        truth, tp = optimizer(**kw)
+        loaded, _ = optimizer(**kw)
+        loaded.load_state_dict(truth.state_dict())  # torch's policy
+        want = loaded.state[loaded.param_groups[0]["params"][0]]["step"]
+        ours, p = optimizer(**kw)
+        wrapped = SimpleNamespace(optimizer=SimpleNamespace(optimizer=ours))  # accelerate's, DeepSpeed's
+        moved = reshard.place_optimizer_steps(wrapped)
+        got = ours.state[p]["step"]
+        assert (got.device, got.dtype) == (want.device, want.dtype), kw
+        assert moved == (1 if kw else 0), kw

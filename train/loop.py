@@ -212,6 +212,7 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
     step, sampler_state = 0, None
     if resume_from is not None and deepspeed:
         acc.load_state(str(ds_state), load_module_strict=False)
+        reshard.place_optimizer_steps(optimizer)  # a universal load leaves them on the CPU
         reshard.done_with(acc, ds_state, resume_from)
         trainer = json.loads((resume_from / "trainer.json").read_text())
         scheduler.load_state_dict(trainer["scheduler"])

@@ -92,6 +92,28 @@ def done_with(acc, state_dir: Path, checkpoint_dir: Path) -> None:
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
+def place_optimizer_steps(optimizer) -> int:
+    """Put each optimizer step counter where its optimizer needs it, as torch's own
+    `load_state_dict` does: a fused (or capturable) torch optimizer keeps `step` as a float32
+    tensor on its parameter's device. DeepSpeed's universal load sets the counter as it was
+    saved, a CPU tensor, and the first fused AdamW step on the GPU then stops ("state_steps is on
+    cpu"). Returns how many counters were moved."""
+    import torch
+
+    while hasattr(optimizer, "optimizer"):  # accelerate's wrapper, then DeepSpeed's, then torch's
+        optimizer = optimizer.optimizer
+    moved = 0
+    for group in getattr(optimizer, "param_groups", []):
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor) and (step.device != p.device or step.dtype != torch.float32):
+                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
+                moved += 1
+    return moved
+
+
 def describe(checkpoint_dir: Path, sampler, recipe, world: int) -> str:
     """One line on where the data stream continues, and what changed with the number of ranks."""
     state = sampler.state_dict()
