@@ -93,7 +93,10 @@ def cache_lines(results: dict) -> list[str]:
             f"({many['launch_s']} s): {p.get('speedup_steady_clips_per_min')}x steady, "
             f"{p.get('speedup_end_to_end_clips_per_min')}x end to end. The {gpus}-GPU cache is "
             + ("byte-identical to the 1-GPU cache." if p["identical"]
-               else f"NOT byte-identical to the 1-GPU cache: {'; '.join(p['differences'][:6])}.")]
+               else f"NOT byte-identical to the 1-GPU cache: {'; '.join(p['differences'][:6])}.")
+            + (" Both with data.vae_deterministic=true; as shipped (cuDNN timing its algorithms) 1 GPU "
+               f"ran {p['1-timed']['steady_clips_per_min']} clips/min steady, "
+               f"{p['1-timed']['end_to_end_clips_per_min']} end to end." if "1-timed" in p else "")]
 
 
 HEADER = ["run", "GPUs", "s/step", "rank-0 peak alloc GiB", "per-GPU peak used GiB (nvidia-smi)",

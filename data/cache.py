@@ -222,10 +222,13 @@ def _encode_latents(todo: list[tuple[Item, dict]], plan: Plan, encoders: Encoder
     failures = []
     writer = _Writer(cache_dir, on_item)
     bar = _bar(len(items), desc, "clip", progress)
-    # cuDNN picks the fastest algorithm per convolution shape (a few shapes, tried once); the
-    # switch is restored afterwards so that training and previews run as they would have
-    benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = benchmark or encoders.device.type == "cuda"
+    # cuDNN picks the fastest algorithm per convolution shape (a few shapes, tried once), or by
+    # rule with deterministic kernels (data.vae_deterministic); the switches are restored
+    # afterwards so that training and previews run as they would have
+    benchmark, deterministic = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    if encoders.device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.vae_deterministic
+        torch.backends.cudnn.deterministic = cfg.vae_deterministic
     try:
         for batch in batches:
             writer.check()
@@ -248,7 +251,7 @@ def _encode_latents(todo: list[tuple[Item, dict]], plan: Plan, encoders: Encoder
         failures += [f"{key}: the encoders gave NaN/inf {names} (an overflow in {cfg.vae_dtype}?): "
                      "not cached; try data.vae_dtype=float32" for key, names in writer.not_finite]
     finally:
-        torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, deterministic
         writer.close()
         bar.close()
     del vae, clip, loader, batches

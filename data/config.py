@@ -107,6 +107,11 @@ class DataConfig:
         "help": "On GPUs, run the VAE's bias+norm+SiLU passes as fused kernels (Triton and "
                 "torch.compile): the same latents to bf16 rounding, ~1.8x faster encode on an "
                 "H100; the first clip of each shape compiles."})
+    vae_deterministic: bool = field(default=False, metadata={
+        "help": "On GPUs, let cuDNN choose its convolution algorithms by rule instead of timing them "
+                "(cudnn.benchmark off, deterministic kernels): the same latents bit for bit on "
+                "every run and any number of GPUs. Off, timed choices can differ from run to run "
+                "and the latents in the last bf16 bit."})
     vae_batch_size: int = field(default=1, metadata={
         "help": "Clips of the same bucket encoded together by the VAE."})
     text_batch_size: int = field(default=16, metadata={
