@@ -149,6 +149,7 @@ def lever_cases() -> list[Case]:
         "ckpt-offload": with_changes(base, checkpointing="offload"),
         "ckpt-none": with_changes(base, checkpointing="none"),
         "fp8": with_changes(base, base_dtype="fp8"),
+        "fp8-gemm": with_changes(base, base_dtype="fp8", fp8_matmul=True),
         "swap-10": with_changes(base, block_swap=10),
         "adamw-foreach": with_changes(base, fused_adamw=False),
     }

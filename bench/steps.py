@@ -37,6 +37,7 @@ class StepSettings:
     checkpointing: str = "selective"  # none | full | selective | offload
     selective_blocks: int = -1  # selective: blocks (from the first) whose self-attention is kept; -1 all
     base_dtype: str = "bf16"  # bf16 | fp8 (LoRA) ; full fine-tuning keeps fp32 master weights
+    fp8_matmul: bool = False  # with base_dtype fp8: float8 GEMMs (train.fp8_matmul)
     block_swap: int = 0
     compile: bool = False
     fused_adamw: bool = True
@@ -54,7 +55,7 @@ class StepSettings:
             if self.checkpointing == "selective" and self.selective_blocks >= 0:
                 parts[-1] += f"[{self.selective_blocks}]"
             if self.mode == "lora":
-                parts.append(f"base={self.base_dtype}")
+                parts.append(f"base={self.base_dtype}" + ("+fp8-gemm" if self.fp8_matmul else ""))
             if self.block_swap:
                 parts.append(f"swap={self.block_swap}")
         parts.append("compile" if self.compile else "eager")
@@ -93,6 +94,7 @@ def to_recipe(s: StepSettings) -> Recipe:
     t.checkpoint_offload = -1 if s.checkpointing == "offload" else 0
     t.block_swap = s.block_swap
     t.base_dtype = s.base_dtype if s.mode == "lora" else "fp32"
+    t.fp8_matmul = s.fp8_matmul
     return r
 
 

@@ -8,7 +8,8 @@ from torch import nn
 from wantune.train.adapters import add_lora
 from wantune.train.config import LoraConfig
 from wan_model.configs import FLAVOURS
-from wan_model.fp8 import FP8_DTYPE, FP8Linear, dequantize_rows, quantize_linears_, quantize_rows
+from wan_model.fp8 import (FP8_DTYPE, FP8Linear, dequantize_rows, quantize_linears_, quantize_rows,
+                           quantize_tokens)
 from wan_model.transformer import WanModel
 
 CFG = replace(FLAVOURS["tiny-t2v"].dit, num_layers=2)
@@ -145,3 +146,100 @@ def test_backward_keeps_only_the_float8_weight(compiled):
     ref = x.detach().requires_grad_(True)
     torch.nn.functional.linear(ref, lin.dequantized_weight(torch.float32), lin.bias).square().sum().backward()
     torch.testing.assert_close(x.grad, ref.grad)
+
+
+def test_quantize_tokens_rounds_each_row_to_e4m3():
+    torch.manual_seed(0)
+    x = (torch.randn(300, 64) * torch.logspace(-4, 3, 300)[:, None]).bfloat16()
+    q, scale = quantize_tokens(x)
+    assert q.dtype == FP8_DTYPE and scale.shape == (300, 1) and scale.dtype == torch.float32
+    back = q.double() * scale.double()
+    xd = x.double()
+    # every row's largest magnitude lands at the top of e4m3's range (448, one bf16 rounding)
+    top = (q.float().abs().amax(1) - 448).abs()
+    assert top.max() <= 448 * 2**-8 and torch.isfinite(q.float()).all()
+    # e4m3 keeps 3 mantissa bits: <= 2^-4 relative (+ the bf16 rounding of the product) in range
+    big = xd.abs() > xd.abs().amax(1, keepdim=True) * 2**-6
+    assert ((back - xd).abs() / xd.abs())[big].max() <= 2**-4 + 2**-8
+    assert 0.005 < rel(back, xd) < 0.05
+
+
+def test_fp8_matmul_is_the_float8_gemm_of_per_token_inputs():
+    """train.fp8_matmul: forward and input gradient as float8 GEMMs, checked against float64
+    products of the quantised operands (a scale applied on the wrong side, or missed, is off by
+    far more than the bf16 rounding of the output), and against the plain bf16 Linear within the
+    e4m3 rounding of weights and activations."""
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64).requires_grad_(False)
+    lin.weight.mul_(torch.logspace(-2, 1, 64)[:, None])  # output rows of very different scale
+    f8 = FP8Linear.from_linear(lin, fp8_matmul=True)
+    assert f8.fp8_matmul and "float8 matmul" in repr(f8)
+    x = (torch.randn(3, 10, 128) * torch.logspace(-3, 2, 10)[None, :, None]).requires_grad_(True)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = f8(x)
+        ref_bf16 = lin(x)
+    assert out.dtype == torch.bfloat16
+    xq, sx = quantize_tokens(x.detach().reshape(-1, 128).bfloat16())
+    w = f8.weight.double() * f8.weight_scale.double()[:, None]
+    want = (xq.double() * sx.double()) @ w.T + lin.bias.double()
+    assert rel(out.reshape(-1, 64), want) < 2**-8
+    assert 0.005 < rel(out, ref_bf16) < 0.06  # really quantised, and not badly
+
+    g = torch.randn_like(out) * torch.logspace(-2, 2, 10)[None, :, None].bfloat16()
+    (gx,) = torch.autograd.grad(out, x, g)
+    gq, sg = quantize_tokens(g.reshape(-1, 64) * f8.weight_scale.bfloat16()[None, :])
+    want_gx = (gq.double() * sg.double()) @ f8.weight.double()
+    assert rel(gx.reshape(-1, 128), want_gx) < 2**-8
+    assert rel(gx, g.float() @ lin.weight.float()) < 0.06
+
+
+def test_fp8_matmul_model_close_to_upcast_and_saves_only_float8_weights():
+    torch.manual_seed(0)
+    base = WanModel(CFG).eval().requires_grad_(False)
+    upcast, gemm = WanModel(CFG).eval(), WanModel(CFG).eval()
+    for m in (upcast, gemm):
+        m.load_state_dict(base.state_dict())
+        m.requires_grad_(False)
+    quantize_linears_(upcast)
+    names = quantize_linears_(gemm, fp8_matmul=True)
+    sizes_ok = [n for n in names if gemm.get_submodule(n).fp8_matmul]
+    assert sizes_ok, "the tiny model should have Linears with sizes that are multiples of 16"
+    x, t, ctx = inputs()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        a, b = upcast(x, t, ctx), gemm(x, t, ctx)
+    assert 0 < rel(b, a) < 0.08
+    # what backward keeps per float8-GEMM Linear: the float8 weight and its scales, no activations
+    lin = FP8Linear.from_linear(nn.Linear(64, 32).requires_grad_(False), fp8_matmul=True)
+    inp = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        lin(inp).sum().backward()
+    assert sorted(str(s.dtype) for s in saved) == sorted([str(FP8_DTYPE), "torch.float32"]), [(s.dtype, s.shape) for s in saved]
+
+
+def test_trainer_builds_fp8_matmul_only_on_an_fp8_lora_base():
+    """train.fp8_matmul reaches every quantised Linear through the trainer's own builder, and a
+    recipe that asks for it without an fp8 LoRA base is refused with the fix."""
+    from wantune.train.config import Recipe
+    from wantune.train.loop import build_model
+    from wan_model.transformer import keep_fp32
+
+    def load(base, device):
+        torch.manual_seed(0)
+        model = WanModel(CFG)
+        for name, p in model.named_parameters():
+            p.data = p.data.to(torch.float32 if keep_fp32(name) else base)
+        return model.requires_grad_(False)
+
+    r = Recipe()
+    t = r.train
+    t.memory, t.gradient_checkpointing, t.checkpoint_mode = "off", False, "full"
+    t.selective_blocks = t.checkpoint_offload = t.block_swap = 0
+    t.base_dtype, t.fp8_matmul = "fp8", True
+    model, _ = build_model(r, "cpu", load=load)
+    f8 = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    assert f8 and all(m.fp8_matmul for m in f8)
+    t.base_dtype = "bf16"
+    assert any("train.fp8_matmul=true needs LoRA with train.base_dtype=fp8" in p for p in r.problems())
+    t.base_dtype, t.fp8_matmul = "fp8", False
+    assert not any("fp8_matmul" in p for p in r.problems())

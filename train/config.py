@@ -116,6 +116,11 @@ class TrainConfig:
                                          "(e4m3 with per-row scales, upcast on use); null = planned "
                                          "(fp8 when bf16 does not fit or fits only by recomputing more). Full "
                                          "training keeps fp32.")
+    fp8_matmul: bool = _f(False, "With base_dtype fp8: run the frozen Linears' matmuls as float8 GEMMs "
+                                 "(inputs and output gradients quantised to e4m3 per token; twice "
+                                 "bf16's rate on Hopper and Ada tensor cores). It rounds activations "
+                                 "too, so it changes the numerics beyond fp8 storage; off until "
+                                 "measured (bench case lever-fp8-gemm).")
     gradient_checkpointing: Optional[bool] = _f(None, "Recompute block activations in backward "
                                                       "(saves memory); null = planned.")
     checkpoint_mode: Optional[str] = _f(None, "full (recompute whole blocks) or selective (keep "
@@ -248,6 +253,10 @@ class Recipe:
                 out.append(f"train.{key}={value}: -1 (all), 0 or a number of blocks")
         if t.mode == "full" and t.base_dtype == "fp8":
             out.append("train.base_dtype=fp8 is for LoRA only: full fine-tuning trains the weights themselves")
+        if t.fp8_matmul and (t.mode != "lora" or t.base_dtype != "fp8"):
+            out.append(f"train.fp8_matmul=true needs LoRA with train.base_dtype=fp8 (now mode {t.mode}, "
+                       f"base_dtype {t.base_dtype}): the float8 GEMMs multiply the float8 base weights; "
+                       "set train.base_dtype=fp8 or train.fp8_matmul=false")
         v = self.validation
         if v.width % 16 or v.height % 16:
             out.append(f"validation.width/height={v.width}x{v.height}: must be multiples of 16 "

@@ -15,6 +15,15 @@ use; backward dequantises again instead of keeping the bf16 copy alive, so the s
 Linear is the float8 weight only (that matters without activation checkpointing). Both are
 custom ops, so a compiled block keeps exactly that too.
 
+With `fp8_matmul` the matmuls themselves run in float8 (Hopper and Ada tensor cores run e4m3 at
+twice the bf16 rate): the input is quantised to e4m3 with one scale per token (row) just before
+the GEMM, which multiplies it with the stored float8 weight and both scales into bf16
+(`torch._scaled_mm`, row-wise scales). Backward's input gradient likewise: the output gradient,
+scaled by the weight's row scales, is quantised per token and multiplied with the float8 weight.
+This rounds the activations and gradients too (3 mantissa bits each), so it changes the
+numerics beyond the weight rounding; Linears whose sizes are not multiples of 16 (tiny test
+models) fall back to the upcast matmul.
+
 Call `quantize_linears_(model)` after loading and before or after `add_lora`; do not call
 `model.to(dtype)` afterwards (it would cast the float8 weights like any float tensor).
 """
@@ -82,6 +91,67 @@ def _fp8_backward(ctx, grad_out):
 fp8_linear.register_autograd(_fp8_backward, setup_context=_fp8_setup)
 
 
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D x [M, K] -> (float8 e4m3 [M, K], float32 scale [M, 1]) with x ~= q * scale. Computed in
+    x's dtype (bf16 in training: no float32 copy of the activations), with the row's factor
+    448 / amax rounded to that dtype and its exact inverse as the scale. The rounding can put a
+    row's largest value just past 448; the clamp keeps every value in e4m3's range (e4m3fn has
+    no infinity: a cast far past it gives NaN)."""
+    amax = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
+    inv = (FP8_MAX / amax).to(x.dtype)  # the scale is this rounded factor's inverse: no bias
+    q = (x * inv).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, 1.0 / inv.float()
+
+
+def _scaled_mm(a: torch.Tensor, b_t: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+               out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a [M, K] row-major float8, b_t [K, N] column-major float8 (a row-major [N, K] transposed),
+    scale_a [M, 1], scale_b [1, N] float32."""
+    return torch._scaled_mm(a, b_t, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
+
+
+@torch.library.custom_op("wantune::fp8_gemm_linear", mutates_args=())
+def fp8_gemm_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x W^T + b as one float8 GEMM: x quantised per token, W stored per output row."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, sx = quantize_tokens(x2)
+    y = _scaled_mm(xq, q.t(), sx, scale[None, :].float(), x.dtype,
+                   None if bias is None else bias.to(x.dtype))
+    return y.reshape(*x.shape[:-1], q.shape[0])
+
+
+@fp8_gemm_linear.register_fake
+def _(x, q, scale, bias):
+    return x.new_empty(*x.shape[:-1], q.shape[0])
+
+
+@torch.library.custom_op("wantune::fp8_gemm_input_grad", mutates_args=())
+def fp8_gemm_input_grad(grad_out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad_x = grad_out (diag(scale) q) = (grad_out * scale) q as one float8 GEMM; q is
+    transposed in memory for the GEMM's column-major operand (a float8 copy of the weight,
+    freed at once)."""
+    g2 = grad_out.reshape(-1, grad_out.shape[-1]) * scale.to(grad_out.dtype)[None, :]
+    gq, sg = quantize_tokens(g2)
+    ones = torch.ones(1, q.shape[1], device=q.device, dtype=torch.float32)
+    gx = _scaled_mm(gq, q.t().contiguous().t(), sg, ones, grad_out.dtype)
+    return gx.reshape(*grad_out.shape[:-1], q.shape[1])
+
+
+@fp8_gemm_input_grad.register_fake
+def _(grad_out, q, scale):
+    return grad_out.new_empty(*grad_out.shape[:-1], q.shape[1])
+
+
+def _fp8_gemm_backward(ctx, grad_out):
+    q, scale = ctx.saved_tensors
+    grad_x = fp8_gemm_input_grad(grad_out, q, scale) if ctx.needs_input_grad[0] else None
+    return grad_x, None, None, None
+
+
+fp8_gemm_linear.register_autograd(_fp8_gemm_backward, setup_context=_fp8_setup)
+
+
 def _compute_dtype_for(x: torch.Tensor, default: torch.dtype) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -92,8 +162,10 @@ class FP8Linear(nn.Linear):
     """A frozen Linear whose weight is float8 e4m3 with per-output-row float32 scales."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 compute_dtype: torch.dtype = torch.bfloat16):
+                 compute_dtype: torch.dtype = torch.bfloat16, fp8_matmul: bool = False):
         super().__init__(in_features, out_features, bias=bias, device=device)
+        # float8 GEMMs need both sizes to be multiples of 16 (every Wan Linear is)
+        self.fp8_matmul = fp8_matmul and in_features % 16 == 0 and out_features % 16 == 0
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=FP8_DTYPE),
                                    requires_grad=False)
         self.register_buffer("weight_scale", torch.ones(out_features, device=device))
@@ -101,13 +173,13 @@ class FP8Linear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16,
-                    work_device=None) -> "FP8Linear":
+                    work_device=None, fp8_matmul: bool = False) -> "FP8Linear":
         """`work_device`: where to do the arithmetic (e.g. the GPU for a model kept on the host);
         the results go back to the weight's own device."""
         w = linear.weight
         with torch.device("meta"):
             new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                      compute_dtype=compute_dtype)
+                      compute_dtype=compute_dtype, fp8_matmul=fp8_matmul)
         if work_device is not None and torch.device(work_device) != w.device:
             q, scale = quantize_rows(w.to(work_device, non_blocking=True))
             q, scale = q.to(w.device), scale.to(w.device)
@@ -127,11 +199,13 @@ class FP8Linear(nn.Linear):
             raise RuntimeError("FP8Linear weights are frozen (LoRA base only); full fine-tuning "
                                "needs train.base_dtype fp32 or bf16")
         dtype = _compute_dtype_for(x, self.compute_dtype)
+        op = fp8_gemm_linear if self.fp8_matmul and dtype != torch.float32 else fp8_linear
         with torch.autocast(x.device.type, enabled=False):
-            return fp8_linear(x.to(dtype), self.weight, self.weight_scale, self.bias)
+            return op(x.to(dtype), self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ", weight=float8_e4m3fn (per-row scales)"
+        return (super().extra_repr() + ", weight=float8_e4m3fn (per-row scales)"
+                + (", float8 matmul" if self.fp8_matmul else ""))
 
 
 def default_include(name: str) -> bool:
@@ -140,13 +214,15 @@ def default_include(name: str) -> bool:
 
 
 def quantize_linears_(model: nn.Module, include: Callable[[str], bool] = default_include,
-                      compute_dtype: torch.dtype = torch.bfloat16, work_device=None) -> list[str]:
+                      compute_dtype: torch.dtype = torch.bfloat16, work_device=None,
+                      fp8_matmul: bool = False) -> list[str]:
     """Replace every frozen nn.Linear whose name passes `include` by an FP8Linear, in place.
 
     Under PEFT LoRA the wrapped `base_layer` is quantised and the adapter left alone. The
     quantised weights are frozen whatever they were before (fp8 is for the frozen LoRA base).
     Returns the names replaced. Quantising runs where the weights are (seconds on a GPU), or
     on `work_device` for a model held in host memory (a 14B model loaded for block swap).
+    `fp8_matmul`: the matmuls run in float8 too (see the module's notes).
     """
     replaced = []
     for name, module in list(model.named_modules()):
@@ -154,7 +230,7 @@ def quantize_linears_(model: nn.Module, include: Callable[[str], bool] = default
             continue
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, FP8Linear.from_linear(module, compute_dtype, work_device))
+        setattr(parent, leaf, FP8Linear.from_linear(module, compute_dtype, work_device, fp8_matmul))
         replaced.append(name)
     return replaced
 
