@@ -191,13 +191,19 @@ def part_cache(b: Bench) -> dict:
                 f"model.flavour={b.flavour('t2v-1.3B')}", f"data.vae_deterministic={str(deterministic).lower()}",
                 "--no-progress"]
         run = b.launch(f"cache-{name}", procs, "tools/cache.py", args)
-        times = sorted(p.stat().st_mtime for p in (cache / "latents").glob("*.safetensors"))
+        files = sorted((cache / "latents").glob("*.safetensors"))
+        times = sorted(p.stat().st_mtime for p in files)
         skip = min(3 * procs, len(times) - 2)  # the first clips of every rank compile the VAE kernels
-        steady = (len(times) - 1 - skip) / (times[-1] - times[skip]) * 60 if len(times) > skip + 1 else None
         out[str(name)] = {"clips": len(times), "launch_s": round(run.seconds, 1), "deterministic": deterministic,
                           "end_to_end_clips_per_min": round(len(times) / run.seconds * 60, 1),
-                          "steady_clips_per_min": round(steady, 1) if steady else None,
+                          "steady_clips_per_min": _rate(times, skip),
                           "gpu_used_peak_gib": {str(k): round(v, 1) for k, v in run.gpu_peak_gib.items()}}
+        if procs > 1:  # each rank's own steady rate: with one bucket and one clip per VAE call,
+            # rank r encoded the clips r, r + procs, ... of the sorted keys (data.cache._deal)
+            ranks = [_rate(sorted(f.stat().st_mtime for f in files[r::procs]), 3) for r in range(procs)]
+            out[str(name)]["rank_steady_clips_per_min"] = ranks
+            if all(ranks):
+                out[str(name)]["sum_of_rank_rates"] = round(sum(ranks), 1)
     shutil.rmtree(b.work / "cache-1-timed", ignore_errors=True)
     one, many = b.work / "cache-1", b.work / f"cache-{b.gpus}"
     out["identical"], out["differences"] = compare_caches(one, many)
@@ -208,6 +214,13 @@ def part_cache(b: Bench) -> dict:
     shutil.rmtree(b.work / "cache-all", ignore_errors=True)
     shutil.copytree(many, b.work / "cache-all")  # training reads this one
     return out
+
+
+def _rate(times: list[float], skip: int) -> float | None:
+    """Files per minute between the skip-th and the last write time."""
+    if len(times) <= skip + 1 or times[-1] <= times[skip]:
+        return None
+    return round((len(times) - 1 - skip) / (times[-1] - times[skip]) * 60, 1)
 
 
 def compare_caches(a: Path, b: Path) -> tuple[bool, list[str]]:

@@ -91,7 +91,11 @@ def cache_lines(results: dict) -> list[str]:
             f"{one['end_to_end_clips_per_min']} end to end ({one['launch_s']} s); {gpus} GPUs "
             f"{many['steady_clips_per_min']} steady, {many['end_to_end_clips_per_min']} end to end "
             f"({many['launch_s']} s): {p.get('speedup_steady_clips_per_min')}x steady, "
-            f"{p.get('speedup_end_to_end_clips_per_min')}x end to end. The {gpus}-GPU cache is "
+            f"{p.get('speedup_end_to_end_clips_per_min')}x end to end"
+            + (f" (each rank's own steady rate: {many['rank_steady_clips_per_min']}, together "
+               f"{many.get('sum_of_rank_rates')})"
+               if many.get("rank_steady_clips_per_min") else "")
+            + f". The {gpus}-GPU cache is "
             + ("byte-identical to the 1-GPU cache." if p["identical"]
                else f"NOT byte-identical to the 1-GPU cache: {'; '.join(p['differences'][:6])}.")
             + (" Both with data.vae_deterministic=true; as shipped (cuDNN timing its algorithms) 1 GPU "
