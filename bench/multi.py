@@ -321,7 +321,7 @@ def log_text(b: Bench, name: str) -> str:
 # one block's recompute. With the optimizer offloaded, the host holds ~16 bytes per parameter
 # (~225 GB for 2 ranks of the 14B blocks), near a 256 GB machine's limit.
 ZERO3_ATTEMPTS = [
-    ("zero3.yaml", {"train.checkpoint_mode": "full", "train.checkpoint_offload": "true"},
+    ("zero3.yaml", {"train.checkpoint_mode": "full", "train.checkpoint_offload": -1},
      "optimizer states on the GPUs; checkpointed block inputs in host memory"),
     ("zero3_offload.yaml", {}, "the shipped recipe with AdamW in host memory (zero3_offload.yaml)"),
 ]

@@ -144,3 +144,14 @@ def check_relations(cases: dict) -> None:
         assert smp["step_s"] == pytest.approx(smp["total_s"] / smp["steps"])
     assert cases["sample-ours"]["tflops"] / cases["sample-diffusers"]["tflops"] == pytest.approx(
         cases["sample-diffusers"]["total_s"] / cases["sample-ours"]["total_s"])  # same work, same FLOPs
+
+
+def test_multi_gpu_bench_overrides_are_valid_recipes():
+    """Every recipe override bench/multi.py tries on the GPUs must load (a wrongly typed value
+    fails the launch in seconds and the part falls back to its next attempt, or fails)."""
+    from wantune.bench.multi import ZERO3_ATTEMPTS
+    from wantune.train.config import load_recipe
+
+    for config, extra, _ in ZERO3_ATTEMPTS:
+        assert (REPO / "recipes" / "accelerate" / config).exists(), config
+        load_recipe(str(REPO / "recipes" / "t2v-14B-full.yaml"), [f"{k}={v}" for k, v in extra.items()])
