@@ -71,6 +71,7 @@ def all_cases() -> list[Case]:
         Case("lora-14B-81", "ours", "14B LoRA r32 832x480x81", flavour="t2v-14B", settings=[
             lora14, with_changes(lora14, compile=False), with_changes(FAST_EAGER, checkpointing="full")],
             reference="ref-lora-14B-81", estimate_s=170),
+        *fp8_gemm_cases(),
         *tier_cases(),
         Case("full-1.3B-81", "ours", "1.3B full fine-tune 832x480x81", settings=[
             StepSettings(mode="full", attention="cudnn", checkpointing="selective"),
@@ -121,6 +122,26 @@ def sequence_parallel_cases() -> list[Case]:
         Case("sp2-lora-1.3B-81", "ours", "1.3B LoRA r32 832x480x81, sequence parallel over 2 GPUs",
              processes=2, sequence_parallel=2, settings=[FAST_EAGER], reference="ddp2-lora-1.3B-81",
              estimate_s=60, default=False),
+    ]
+
+
+def fp8_gemm_cases() -> list[Case]:
+    """The float8 GEMM lever (train.fp8_matmul) on the fast path, against the cuDNN references.
+    fp8 storage frees half the 14B weights (14 GB), so more blocks keep their attention output:
+    the 14B cases try every block, then 24, then 8 (the first that fits)."""
+    fp8 = with_changes(FAST, base_dtype="fp8")
+    gemm = with_changes(fp8, fp8_matmul=True)
+    kept = (-1, 24, 8)
+    return [
+        Case("lora-1.3B-81-fp8-gemm", "ours", "1.3B LoRA r32 832x480x81, float8 GEMMs",
+             settings=[gemm, with_changes(gemm, compile=False)], reference="ref-lora-1.3B-81-cudnn",
+             estimate_s=110, default=False),
+        Case("lora-14B-81-fp8", "ours", "14B LoRA r32 832x480x81, fp8 base (bf16 GEMMs)", flavour="t2v-14B",
+             settings=[with_changes(fp8, selective_blocks=n) for n in kept], reference="ref-lora-14B-81-cudnn",
+             estimate_s=170, default=False),
+        Case("lora-14B-81-fp8-gemm", "ours", "14B LoRA r32 832x480x81, float8 GEMMs", flavour="t2v-14B",
+             settings=[with_changes(gemm, selective_blocks=n) for n in kept], reference="ref-lora-14B-81-cudnn",
+             estimate_s=170, default=False),
     ]
 
 
