@@ -45,6 +45,18 @@ def _commit(repo: Path) -> str | None:
         return None
 
 
+def portable(value, repo: Path):
+    """A recorded path or command line without this machine's folders: the repository's own
+    paths relative to it, the GPU run's output folder ($OUT of bench/gpu_run.sh) as $OUT."""
+    if not isinstance(value, str):
+        return value
+    out = os.environ.get("OUT", "")
+    if os.path.isabs(out) and out.rstrip("/"):
+        value = value.replace(out.rstrip("/"), "$OUT")
+    root = str(Path(repo).resolve())
+    return value.replace(root + "/", "").replace(root, ".")
+
+
 def environment(device: torch.device, repo: Path) -> dict:
     env = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
@@ -53,7 +65,7 @@ def environment(device: torch.device, repo: Path) -> dict:
         "torch": torch.__version__, "diffusers": _version("diffusers"), "peft": _version("peft"),
         "transformers": _version("transformers"), "flash_attn": _version("flash_attn") or _version("flash_attn_3"),
         "python": sys.version.split()[0], "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "commit": _commit(repo), "command": " ".join(sys.argv),
+        "commit": _commit(repo), "command": portable(" ".join(sys.argv), repo),
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     }
     if device.type == "cuda":

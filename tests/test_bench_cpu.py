@@ -155,3 +155,17 @@ def test_multi_gpu_bench_overrides_are_valid_recipes():
     for config, extra, _ in ZERO3_ATTEMPTS:
         assert (REPO / "recipes" / "accelerate" / config).exists(), config
         load_recipe(str(REPO / "recipes" / "t2v-14B-full.yaml"), [f"{k}={v}" for k, v in extra.items()])
+
+
+def test_results_record_no_machine_folders(monkeypatch, tmp_path):
+    """The command and options in a results file name the repository's paths relative to it and
+    the GPU run's output folder as $OUT: the file is committed and read elsewhere."""
+    import torch
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("OUT", str(out))
+    monkeypatch.setattr(sys, "argv", [str(REPO / "tools" / "bench.py"), "--results-dir", f"{out}/results",
+                                      "--work-dir", str(REPO / "bench" / "models")])
+    env = report.environment(torch.device("cpu"), REPO)
+    assert env["command"] == "tools/bench.py --results-dir $OUT/results --work-dir bench/models"
+    assert report.portable(str(REPO), REPO) == "." and report.portable(3, REPO) == 3

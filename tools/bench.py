@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     run_id = env["date"]
     stem = f"{report.slug(env['device'])}{'-tiny' if args.tiny else ''}-{_dt.date.today().isoformat()}"
     out_json = Path(args.results_dir) / f"{stem}.json"
-    results = {"env": env, "options": {k: v for k, v in vars(args).items()}, "cases": {}}
+    results = {"env": env, "options": {k: report.portable(v, REPO) for k, v in vars(args).items()}, "cases": {}}
     if args.merge and out_json.exists():
         try:
             old = json.loads(out_json.read_text())
