@@ -62,19 +62,9 @@ def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-@fp8_linear.register_fake
-def _(x, q, scale, bias):
-    return x.new_empty(*x.shape[:-1], q.shape[0])
-
-
 @torch.library.custom_op("wantune::fp8_linear_input_grad", mutates_args=())
 def fp8_linear_input_grad(grad_out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return grad_out @ dequantize_rows(q, scale, grad_out.dtype)
-
-
-@fp8_linear_input_grad.register_fake
-def _(grad_out, q, scale):
-    return grad_out.new_empty(*grad_out.shape[:-1], q.shape[1])
 
 
 def _fp8_setup(ctx, inputs, output):
@@ -82,13 +72,20 @@ def _fp8_setup(ctx, inputs, output):
     ctx.save_for_backward(q, scale)
 
 
-def _fp8_backward(ctx, grad_out):
-    q, scale = ctx.saved_tensors
-    grad_x = fp8_linear_input_grad(grad_out, q, scale) if ctx.needs_input_grad[0] else None
-    return grad_x, None, None, None
+def _pair(linear_op, input_grad_op) -> None:
+    """Output shapes for tracing, and autograd, of a float8 Linear op and its input-gradient op:
+    backward keeps the float8 weight and its scales only."""
+    linear_op.register_fake(lambda x, q, scale, bias: x.new_empty(*x.shape[:-1], q.shape[0]))
+    input_grad_op.register_fake(lambda g, q, scale: g.new_empty(*g.shape[:-1], q.shape[1]))
+
+    def backward(ctx, grad_out):
+        q, scale = ctx.saved_tensors
+        return (input_grad_op(grad_out, q, scale) if ctx.needs_input_grad[0] else None), None, None, None
+
+    linear_op.register_autograd(backward, setup_context=_fp8_setup)
 
 
-fp8_linear.register_autograd(_fp8_backward, setup_context=_fp8_setup)
+_pair(fp8_linear, fp8_linear_input_grad)
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,27 +100,17 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, 1.0 / inv.float()
 
 
-def _scaled_mm(a: torch.Tensor, b_t: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-               out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a [M, K] row-major float8, b_t [K, N] column-major float8 (a row-major [N, K] transposed),
-    scale_a [M, 1], scale_b [1, N] float32."""
-    return torch._scaled_mm(a, b_t, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
-
-
 @torch.library.custom_op("wantune::fp8_gemm_linear", mutates_args=())
 def fp8_gemm_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                     bias: torch.Tensor | None) -> torch.Tensor:
     """y = x W^T + b as one float8 GEMM: x quantised per token, W stored per output row."""
     x2 = x.reshape(-1, x.shape[-1])
     xq, sx = quantize_tokens(x2)
-    y = _scaled_mm(xq, q.t(), sx, scale[None, :].float(), x.dtype,
-                   None if bias is None else bias.to(x.dtype))
+    # torch._scaled_mm: the first operand row-major, the second column-major (q [N, K] transposed),
+    # float32 scales [M, 1] and [1, N]
+    y = torch._scaled_mm(xq, q.t(), scale_a=sx, scale_b=scale[None, :].float(), out_dtype=x.dtype,
+                         bias=None if bias is None else bias.to(x.dtype))
     return y.reshape(*x.shape[:-1], q.shape[0])
-
-
-@fp8_gemm_linear.register_fake
-def _(x, q, scale, bias):
-    return x.new_empty(*x.shape[:-1], q.shape[0])
 
 
 @torch.library.custom_op("wantune::fp8_gemm_input_grad", mutates_args=())
@@ -134,22 +121,11 @@ def fp8_gemm_input_grad(grad_out: torch.Tensor, q: torch.Tensor, scale: torch.Te
     g2 = grad_out.reshape(-1, grad_out.shape[-1]) * scale.to(grad_out.dtype)[None, :]
     gq, sg = quantize_tokens(g2)
     ones = torch.ones(1, q.shape[1], device=q.device, dtype=torch.float32)
-    gx = _scaled_mm(gq, q.t().contiguous().t(), sg, ones, grad_out.dtype)
+    gx = torch._scaled_mm(gq, q.t().contiguous().t(), scale_a=sg, scale_b=ones, out_dtype=grad_out.dtype)
     return gx.reshape(*grad_out.shape[:-1], q.shape[1])
 
 
-@fp8_gemm_input_grad.register_fake
-def _(grad_out, q, scale):
-    return grad_out.new_empty(*grad_out.shape[:-1], q.shape[1])
-
-
-def _fp8_gemm_backward(ctx, grad_out):
-    q, scale = ctx.saved_tensors
-    grad_x = fp8_gemm_input_grad(grad_out, q, scale) if ctx.needs_input_grad[0] else None
-    return grad_x, None, None, None
-
-
-fp8_gemm_linear.register_autograd(_fp8_gemm_backward, setup_context=_fp8_setup)
+_pair(fp8_gemm_linear, fp8_gemm_input_grad)
 
 
 def _compute_dtype_for(x: torch.Tensor, default: torch.dtype) -> torch.dtype:
