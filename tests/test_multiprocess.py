@@ -243,7 +243,7 @@ def test_universal_load_step_counters_go_where_torch_puts_them():
         return opt, p
 
     for kw in ({"fused": True}, {"capturable": True}, {}):
-        truth, tp = optimizer(**kw)
+        truth, _ = optimizer(**kw)
         loaded, _ = optimizer(**kw)
         loaded.load_state_dict(truth.state_dict())  # torch's policy
         want = loaded.state[loaded.param_groups[0]["params"][0]]["step"]
