@@ -224,3 +224,109 @@ def test_sequence_parallel_plans_for_one_ranks_share():
     half = planner_for(_recipe(sequence_parallel=2), CFG, rank_grid(CFG, GRID, 2), 1, "cpu", rates=rates)
     plan = Plan(True, 0, 0, 0, "bf16")
     assert 2 * half.seconds(plan) == pytest.approx(whole.seconds(plan), rel=1e-9)
+
+
+def _numels(mode: str):
+    """(all parameters and buffers, trained parameters, largest block) of CFG, counted on a real
+    model the way the trainer builds it: the outside count the ZeRO arithmetic is held to."""
+    recipe = _recipe(mode, memory="off")
+    model, _ = build_model(apply_plan(recipe, default_plan(recipe.train, CFG.num_layers), CFG.num_layers),
+                           torch.device("cpu"), lambda dtype, device: _random_model(dtype, device))
+    everything = list(model.parameters()) + list(model.buffers())
+    return (sum(t.numel() for t in everything), sum(p.numel() for p in model.parameters() if p.requires_grad),
+            max(sum(p.numel() for p in b.parameters()) for b in model.blocks))
+
+
+def test_zero_sharding_counts_each_ranks_share_of_a_full_finetune():
+    """Per rank under DeepSpeed ZeRO with bf16, as DeepSpeed's memory guide counts model states:
+    bf16 weights 2 bytes per parameter (sharded at stage 3, plus the largest layer gathered:
+    4 bytes per element of a block); 18 per trained parameter of gradients, fp32 master weights
+    and AdamW moments, sharded; with the optimizer offloaded 2 on the GPU and, on the host,
+    max(4 x GPUs per machine, 16) with a 1.5 buffer factor."""
+    from wantune.train.memory import Sharding
+
+    n_all, n_t, block = _numels("full")
+    frozen = n_all - n_t
+    plan = Plan(checkpointing=True, keep_attention=3, base_dtype="fp32")
+    recipe = _recipe("full", memory="off")
+    alone = planner_for(recipe, CFG, GRID, 1, "cpu").estimate(plan)
+    bucket = 1000
+    for stage, world, offload in ((3, 2, False), (3, 4, True), (2, 2, False), (2, 8, True), (1, 2, False)):
+        sh = Sharding(stage, world, offload, bucket_elements=bucket, local_ranks=world)
+        e = planner_for(recipe, CFG, GRID, 1, "cpu", sharding=sh).estimate(plan)
+        if stage == 3:
+            model_states = 4 * block + (2 if offload else 18) * n_t // world + 2 * frozen // world
+        else:
+            model_states = 2 * n_t + (0 if offload else 18 * n_t // world) + 2 * frozen
+        assert abs(e.parts["weights"] + e.parts["optimizer"] - model_states) <= 2, (stage, world, offload)
+        assert e.parts["weights"] == (2 * n_all // world + 4 * block if stage == 3 else 2 * n_all)
+        assert e.parts["gradients"] == 4 * bucket  # the double-buffered bf16 reduce bucket
+        host = int(n_t * max(4 * world, 16) * 1.5) if offload else 0
+        assert e.parts["optimizer_on_host"] == host and e.host >= host
+        # gradients leave the blocks for ZeRO's buckets: what the step holds beside the state shrinks
+        assert e.parts["activations"] < alone.parts["activations"]
+        assert e.device < alone.device
+    # a LoRA run is never sharded this way (DeepSpeed is for full fine-tunes)
+    lora = planner_for(_recipe(memory="off"), CFG, GRID, 1, "cpu", sharding=Sharding(3, 2))
+    assert lora.sharding == Sharding()
+
+
+def test_zero_offload_short_of_host_ram_stops_with_deepspeeds_figure(monkeypatch):
+    """ZeRO-3 with the optimizer in host memory, on a machine whose RAM is short of DeepSpeed's
+    estimate: no plan, and the advice names the RAM needed and how many GPUs would do without."""
+    from wantune.train.memory import NoPlanFits, Sharding, plan_recipe
+
+    n_all, n_t, _ = _numels("full")
+    need = n_t * 16 * 1.5  # 2 GPUs on the machine: max(4 * 2, 16) bytes per trained parameter
+    recipe = _recipe("full", memory_gib=64.0)
+    sh = Sharding(3, 2, True, bucket_elements=1000, local_ranks=2)
+    import wantune.train.memory as memory
+
+    monkeypatch.setattr(memory, "host_available", lambda: int(need * 0.9) + int(memory.HOST_RESERVE_GIB * GIB))
+    with pytest.raises(NoPlanFits) as e:
+        plan_recipe(recipe, CFG, GRID, 1, "cpu", log=lambda *_: None, sharding=sh)
+    text = str(e.value)
+    assert f"{need / GIB:.1f} GiB on this machine" in text, text
+    assert "recipes/accelerate/zero3.yaml" in text and "zero3_offload.yaml" not in text, text
+    monkeypatch.setattr(memory, "host_available", lambda: int(need * 1.1) + int(memory.HOST_RESERVE_GIB * GIB))
+    _, est = plan_recipe(recipe, CFG, GRID, 1, "cpu", log=lambda *_: None, sharding=sh)
+    assert est.parts["optimizer_on_host"] == int(need)
+
+
+def test_zero_sharding_is_read_from_the_deepspeed_config():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    from wantune.train.loop import zero_sharding
+    from wantune.train.memory import Sharding
+
+    def acc(config):
+        plugin = DeepSpeedPlugin(hf_ds_config=f"recipes/accelerate/{config}")
+        return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2,
+                               state=SimpleNamespace(deepspeed_plugin=plugin))
+    three = zero_sharding(acc("ds_zero3_offload.json"))
+    assert (three.stage, three.world, three.offload_optimizer, three.bucket_elements) == (3, 2, True, 500_000_000)
+    two = zero_sharding(acc("ds_zero2.json"))
+    assert (two.stage, two.offload_optimizer) == (2, False)
+    assert zero_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, num_processes=2)) == Sharding()
+
+
+def test_blocks_run_eager_under_zero3_only():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    from wantune.train.loop import eager_under_zero3
+
+    said = []
+    for config, dist, compiled in (("ds_zero3.json", DistributedType.DEEPSPEED, False),
+                                   ("ds_zero2.json", DistributedType.DEEPSPEED, True),
+                                   ("ds_zero3.json", DistributedType.MULTI_GPU, True)):
+        acc = SimpleNamespace(distributed_type=dist, print=said.append,
+                              state=SimpleNamespace(deepspeed_plugin=DeepSpeedPlugin(
+                                  hf_ds_config=f"recipes/accelerate/{config}")))
+        recipe = _recipe("full", compile=True)
+        eager_under_zero3(recipe, acc)
+        assert recipe.train.compile is compiled, (config, dist)
+    assert len(said) == 1 and "ZeRO-3" in said[0]

@@ -118,7 +118,28 @@ def plan_memory(recipe: Recipe, scanned, acc):
 
     cfg = read_transformer_config(recipe.model.resolve("transformer"), recipe.model.flavour or None)
     grid, batch = largest_grid([item.bucket for item in scanned.items], recipe.data.batch_size)
-    return plan_recipe(recipe, cfg, grid, batch, acc.device, log=acc.print)
+    return plan_recipe(recipe, cfg, grid, batch, acc.device, log=acc.print, sharding=zero_sharding(acc))
+
+
+def eager_under_zero3(recipe: Recipe, acc) -> None:
+    """ZeRO-3 gathers each block's weights in module hooks, which torch.compile re-traces for
+    every block until its recompile limit (seen on 2 H200s: no step in minutes): under ZeRO-3
+    the blocks run eager, said once."""
+    if recipe.train.compile and _is_deepspeed(acc) and acc.state.deepspeed_plugin.zero_stage == 3:
+        recipe.train.compile = False
+        acc.print("compile: off under DeepSpeed ZeRO-3 (its weight gathering runs in module hooks "
+                  "that torch.compile would re-trace for every block); the blocks run eager")
+
+
+def zero_sharding(acc):
+    """How DeepSpeed ZeRO will split this run's state over the ranks (stage 0 without DeepSpeed)."""
+    from .memory import Sharding
+
+    if not _is_deepspeed(acc):
+        return Sharding()
+    plugin = acc.state.deepspeed_plugin
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+    return Sharding.from_deepspeed(plugin.zero_stage, plugin.deepspeed_config, acc.num_processes, local)
 
 
 def trained_tensors(model) -> dict[str, torch.Tensor]:
@@ -144,6 +165,7 @@ def compute_loss(model, batch, recipe: Recipe, empty_context, host_g, dev_g, dev
 
 def train(recipe: Recipe) -> dict:
     acc = make_accelerator(recipe)
+    eager_under_zero3(recipe, acc)
     out_dir = Path(recipe.run.output_dir)
     if acc.is_main_process and recipe.demo.enabled:
         from .demo import prepare_demo

@@ -24,9 +24,15 @@ host<->device copies; measured in a second on a GPU): recomputed attention where
 kept, offload traffic, swap traffic not hidden under compute, swapped blocks running uncompiled.
 fp8 base weights round the frozen weights (about 3% per element), so a bf16 plan is preferred
 unless no bf16 plan fits or it is more than `FP8_PREFERENCE` slower.
+
+Under DeepSpeed ZeRO (`Sharding`), a full fine-tune's weights, gradients and AdamW state per rank
+and the host memory of an offloaded optimizer are DeepSpeed's own estimates
+(`estimate_zero3_model_states_mem_needs` and its ZeRO-2 twin), plus the reduce buckets; gradients
+leave the traced step as they are reduced.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from dataclasses import dataclass, field, replace
@@ -95,6 +101,30 @@ class Plan:
             parts.append(f"{self.block_swap} blocks swapped from host memory")
         parts.append(f"{self.base_dtype} base weights")
         return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How DeepSpeed ZeRO splits a full fine-tune's state over the data-parallel ranks. Stage 0:
+    every rank holds all of it (one process, DDP)."""
+    stage: int = 0
+    world: int = 1
+    offload_optimizer: bool = False  # fp32 master weights, moments and gradients in host memory
+    bucket_elements: int = 500_000_000  # zero_optimization.reduce_bucket_size
+    local_ranks: int = 1  # ranks sharing this machine's host RAM
+
+    @staticmethod
+    def from_deepspeed(zero_stage: int, ds_config: dict, world: int, local_ranks: int) -> "Sharding":
+        zo = ds_config.get("zero_optimization", {}) or {}
+        device = (zo.get("offload_optimizer") or {}).get("device", "none")
+        bucket = zo.get("reduce_bucket_size", 5e8)
+        bucket = int(float(bucket)) if not isinstance(bucket, str) or bucket != "auto" else 500_000_000
+        return Sharding(int(zero_stage), max(1, world), str(device).lower() in ("cpu", "nvme"),
+                        bucket, max(1, min(local_ranks, world)))
+
+    def describe(self) -> str:
+        return (f"DeepSpeed ZeRO-{self.stage} over {self.world} rank(s)"
+                + (", AdamW state in host memory" if self.offload_optimizer else ""))
 
 
 @dataclass
@@ -172,6 +202,8 @@ def _static_bytes(cfg, setup: StepSetup) -> dict:
     trained = [p for p in model.parameters() if p.requires_grad]
     frozen = [[p for p in b.parameters() if not p.requires_grad] + list(b.buffers()) for b in model.blocks]
     return {"total": nbytes(list(model.parameters()) + list(model.buffers())),
+            "total_numel": sum(t.numel() for t in list(model.parameters()) + list(model.buffers())),
+            "largest_block_numel": max(sum(p.numel() for p in b.parameters()) for b in model.blocks),
             "block_frozen": [nbytes(ts) for ts in frozen],
             # what a swapped block pins on the host: the pinned allocator rounds each tensor up
             # to a power of two (wan_model/block_swap.py, HostPool)
@@ -207,14 +239,18 @@ class Planner:
 
     def __init__(self, cfg, setup: StepSetup, device, optimizer: str = "adamw",
                  compiled: bool = False, ema: bool = False, grad_accum: int = 1,
-                 rates: Rates | None = None, fixed: dict | None = None, sequence_parallel: int = 1):
+                 rates: Rates | None = None, fixed: dict | None = None, sequence_parallel: int = 1,
+                 sharding: Sharding | None = None):
         """`setup` is one rank's share of the step; with `sequence_parallel` N its grid holds 1/N
-        of the sample's tokens (`rank_grid`), while its attention still sees all of them."""
+        of the sample's tokens (`rank_grid`), while its attention still sees all of them.
+        `sharding`: DeepSpeed ZeRO's split of a full fine-tune's state (LoRA runs ignore it)."""
         self.cfg, self.setup, self.device = cfg, setup, torch.device(device)
         self.sp = max(1, sequence_parallel)
         self.n = cfg.num_layers
         self.optimizer, self.compiled, self.ema, self.grad_accum = optimizer, compiled, ema, grad_accum
         self.rates = rates or Rates()
+        sh = sharding or Sharding()
+        self.sharding = sh if sh.stage > 0 and setup.mode == "full" else Sharding()
         self.fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
         # Offload and block swap move bytes from the device to the host: on a CPU they are one.
         self.host_levers = self.device.type != "cpu"
@@ -262,16 +298,53 @@ class Planner:
             workspace = ATTENTION_WORKSPACE if compiled else ATTENTION_WORKSPACE_EAGER
             activations += int(workspace * L * self.cfg.dim * 4)
         optim_step = st["trained"] + step_temp
+        optim_host = 0
+        if self.sharding.stage:
+            # "optimizer" holds the gradient partitions too; "gradients" the reduce buckets
+            weights, grads_kept, optim, optim_step, optim_host = self._zero_state(st)
+            # the gradients go into ZeRO's buckets as they are made: none stays with its block
+            activations = replace(trace, grads=[0] * len(trace.grads)).peak(counts, transient_scale=scale)
+            if self.device.type == "cuda":
+                activations += int(workspace * L * self.cfg.dim * 4)
         device = weights + optim + grads_kept + max(activations, optim_step)
         pinned = sum(st["block_pinned"][self.n - plan.block_swap:]) if plan.block_swap else 0
         offloaded = trace.host_peak(counts)
-        host = pinned + offloaded
+        host = pinned + offloaded + optim_host
         if plan.block_swap:  # a swapped model is loaded to the host whole, then moved in part
             host = max(host, st["total"] + max(swapped))
         parts = {"weights": weights, "optimizer": optim, "activations": activations,
                  "swapped_on_host": pinned, "offloaded_on_host": offloaded}
+        if self.sharding.stage:
+            parts.update(gradients=grads_kept, optimizer_on_host=optim_host)
         reserve = int(RESERVE_GIB * GIB) if self.device.type == "cuda" else 0
         return Estimate(plan, int(device), int(host), self.seconds(plan), parts, reserve)
+
+    def _zero_state(self, st: dict) -> tuple[int, int, int, int, int]:
+        """(weights, reduce buckets, other model states, optimizer-step transient, host bytes) of
+        one rank under DeepSpeed ZeRO with bf16, from DeepSpeed's own estimators: bf16 weights
+        (2 bytes per parameter; sharded at stage 3, plus the largest layer gathered), and 18 bytes
+        per trained parameter of bf16 and fp32 gradients, fp32 master weights and AdamW moments,
+        sharded (2 with the optimizer offloaded); on the host, the offloaded optimizer with
+        DeepSpeed's buffer factor, or each rank's fp32 copy of the model while it is loaded
+        (no zero.Init). The frozen weights add their bf16 bytes."""
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        sh, n_t, n_all = self.sharding, st["trained_numel"], st["total_numel"]
+        local, nodes = sh.local_ranks, max(1, sh.world // sh.local_ranks)
+        largest = st["largest_block_numel"]
+        if sh.stage >= 3:
+            host, states, gathered = estimate_zero3_model_states_mem_needs(
+                n_t, largest, num_gpus_per_node=local, num_nodes=nodes, cpu_offload=sh.offload_optimizer,
+                cpu_offload_params=False, zero_init=False)
+            weights = 2 * n_all // sh.world + gathered
+        else:
+            host, states = estimate_zero2_model_states_mem_needs(
+                n_t, num_gpus_per_node=local, num_nodes=nodes, cpu_offload=sh.offload_optimizer)
+            weights = 2 * n_all
+        buckets = min(2 * 2 * sh.bucket_elements, 4 * n_t)  # the bf16 reduce bucket, double-buffered
+        optim = states - (weights - 2 * (n_all - n_t) // (sh.world if sh.stage >= 3 else 1))
+        return int(weights), int(buckets), int(optim), 0, int(host) if sh.offload_optimizer else 0
 
     # -- time -----------------------------------------------------------------------------
     def seconds(self, plan: Plan) -> float:
@@ -470,8 +543,6 @@ def default_plan(t, n: int) -> Plan:
 
 def apply_plan(recipe, plan: Plan, n: int):
     """A copy of the recipe with every memory lever set to the plan's value."""
-    import copy
-
     out = copy.deepcopy(recipe)
     t = out.train
     t.gradient_checkpointing = plan.checkpointing
@@ -492,21 +563,23 @@ def step_setup(recipe, grid: tuple, batch: int) -> StepSetup:
                      full_parts=tuple(recipe.full.parts), batch=batch, latent_grid=tuple(grid))
 
 
-def planner_for(recipe, cfg, grid: tuple, batch: int, device, rates: Rates | None = None) -> Planner:
+def planner_for(recipe, cfg, grid: tuple, batch: int, device, rates: Rates | None = None,
+                sharding: Sharding | None = None) -> Planner:
     t = recipe.train
     return Planner(cfg, step_setup(recipe, grid, batch), device, optimizer=t.optim.name,
                    compiled=t.compile, ema=t.mode == "full" and recipe.full.ema,
                    grad_accum=t.grad_accum, rates=rates, fixed=fixed_levers(t, cfg.num_layers),
-                   sequence_parallel=t.sequence_parallel)
+                   sequence_parallel=t.sequence_parallel, sharding=sharding)
 
 
 class NoPlanFits(RuntimeError):
     """No memory plan fits: the message says the smallest requirement and what would fit."""
 
 
-def plan_recipe(recipe, cfg, grid: tuple, batch: int, device, log=print):
-    """(recipe with every memory lever set, the chosen Estimate) for this card; raises
-    NoPlanFits, before anything is loaded, when nothing fits."""
+def plan_recipe(recipe, cfg, grid: tuple, batch: int, device, log=print, sharding: Sharding | None = None):
+    """(recipe with every memory lever set, the chosen Estimate) for this card and this rank's
+    share under DeepSpeed ZeRO (`sharding`); raises NoPlanFits, before anything is loaded, when
+    nothing fits."""
     n = cfg.num_layers
     t = recipe.train
     if t.memory == "off":
@@ -516,11 +589,16 @@ def plan_recipe(recipe, cfg, grid: tuple, batch: int, device, log=print):
     budget = device_budget(device, t.memory_gib)
     sp = recipe.train.sequence_parallel
     planner = planner_for(recipe, cfg, rank_grid(cfg, grid, sp), batch, device,
-                          rates=Rates.measure(device) if device.type == "cuda" else None)
+                          rates=Rates.measure(device) if device.type == "cuda" else None, sharding=sharding)
     choice = planner.choose(budget)
     if choice.best is None:
-        raise NoPlanFits(advice(recipe, cfg, grid, batch, choice))
+        raise NoPlanFits(advice(recipe, cfg, grid, batch, choice, planner))
     log(choice.report())
+    if planner.sharding.stage:
+        e = choice.best
+        log(f"  (planned per rank: {planner.sharding.describe()}; gradients {e.parts['gradients'] / GIB:.2f} GiB"
+            + (f", {e.parts['optimizer_on_host'] / GIB:.1f} GiB of host memory for the optimizer on this machine"
+               if planner.sharding.offload_optimizer else "") + ")")
     if sp > 1:
         log(f"  (planned per rank: sequence parallel {sp}, "
             f"{tokens_of(cfg, planner.setup.latent_grid):,} of {tokens_of(cfg, grid):,} tokens)")
@@ -530,11 +608,21 @@ def plan_recipe(recipe, cfg, grid: tuple, batch: int, device, log=print):
     return apply_plan(recipe, choice.best.plan, n), choice.best
 
 
-def advice(recipe, cfg, grid: tuple, batch: int, choice: Choice) -> str:
-    """Why nothing fits and the recipe changes that would."""
+def advice(recipe, cfg, grid: tuple, batch: int, choice: Choice, planner: Planner | None = None) -> str:
+    """Why nothing fits and the recipe changes that would (`planner`: the one that chose, for
+    the per-rank arithmetic of a sharded full fine-tune)."""
     need, have = choice.frugal.needs(), choice.budget.device
     if choice.rejected_host and need <= have:  # the device has room: host RAM is what is short
         least = min(e.host for e in choice.rejected_host)
+        if planner is not None and planner.sharding.offload_optimizer:
+            lines = [f"no memory plan fits: with the optimizer state in host memory the GPUs have room "
+                     f"({have / GIB:.1f} GiB, {choice.budget.source}), but DeepSpeed's own estimate of "
+                     f"the host memory this needs is {least / GIB:.1f} GiB on this machine and "
+                     f"{choice.budget.host / GIB:.1f} GiB is available. What would fit:",
+                     "  - a machine with more RAM"]
+            lines.extend(_zero3_advice(choice, planner, offloads=(False,)))
+            lines.append("  - fewer trained blocks (full.parts) or LoRA (train.mode=lora)")
+            return "\n".join(lines)
         return (f"no memory plan fits: {len(choice.rejected_host)} plans fit the device's "
                 f"{have / GIB:.1f} GiB ({choice.budget.source}) for {_geometry(grid, batch)}, but each "
                 f"pins at least {least / GIB:.1f} GiB of host RAM (swapped weights, offloaded "
@@ -558,16 +646,30 @@ def advice(recipe, cfg, grid: tuple, batch: int, choice: Choice) -> str:
                      f"(data.frame_buckets), or about {share:.0%} of the pixel area (data.areas)")
     if recipe.train.mode == "full":
         lines.append("  - LoRA instead of a full fine-tune (train.mode=lora)")
-        shardable = parts["weights"] + parts["optimizer"]
-        room = have - act * (1 + MARGIN) - RESERVE_GIB * GIB
-        if room > 0:
-            gpus = max(2, math.ceil(shardable * (1 + MARGIN) / room))
-            lines.append(f"  - the full fine-tune sharded over {gpus} or more GPUs with DeepSpeed ZeRO-3 "
-                         "(accelerate launch --config_file recipes/accelerate/zero3.yaml ...)")
+        lines.extend(_zero3_advice(choice, planner or planner_for(recipe, cfg, grid, batch, "cpu")))
     elif "base_dtype" in fixed_levers(recipe.train, cfg.num_layers) and recipe.train.base_dtype != "fp8":
         lines.append("  - train.base_dtype: null (or fp8) lets the frozen base be stored in fp8")
     lines.append("  - or a card with more free memory (close other programs using it)")
     return "\n".join(lines)
+
+
+def _zero3_advice(choice: Choice, planner: Planner, offloads=(False, True)) -> list[str]:
+    """The fewest GPUs of this card on which ZeRO-3 would fit the most frugal plan, with the
+    optimizer state on the GPUs and in host memory (same per-rank accounting as the plan)."""
+    out = []
+    for offload in offloads:
+        config = "zero3_offload.yaml" if offload else "zero3.yaml"
+        zero = copy.copy(planner)
+        for gpus in (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):
+            zero.sharding = Sharding(3, gpus, offload, planner.sharding.bucket_elements, min(gpus, 8))
+            e = zero.estimate(choice.frugal.plan, exact=False)
+            if e.needs() <= choice.budget.device:
+                ram = (f" and about {e.parts['optimizer_on_host'] / GIB:.0f} GiB of host RAM per machine of "
+                       f"{min(gpus, 8)} GPUs for the optimizer state" if offload else "")
+                out.append(f"  - the full fine-tune sharded over {gpus} or more such GPUs with DeepSpeed ZeRO-3{ram} "
+                           f"(accelerate launch --config_file recipes/accelerate/{config} ...)")
+                break
+    return out
 
 
 def _geometry(grid: tuple, batch: int) -> str:
