@@ -5,7 +5,6 @@
     bash bench/gpu_run.sh multi zero3                    # the 14B full fine-tune: s/step, memory (~6 min)
     bash bench/gpu_run.sh multi zero3-save zero3-reshard # its save, export and resume on 1 GPU (~9 min)
     bash bench/gpu_run.sh multi lora14                   # 14B LoRA on 1 GPU vs all (~7 min)
-    bash bench/gpu_run.sh multi lora14               # 14B LoRA on 1 GPU vs all
     python3 -m bench.multi --tiny cache ddp zero2    # every code path at tiny sizes, on the CPU
 
 Parts (random weights at real size, 832x480x81 clips):
@@ -14,8 +13,9 @@ Parts (random weights at real size, 832x480x81 clips):
 - ddp: the 1.3B LoRA recipe on 1 GPU, then on all with ddp.yaml: s/step, memory per GPU, scaling.
 - zero2: the 1.3B full recipe under zero2.yaml on all GPUs: s/step, memory, checkpoint size, a
   resume on the same GPUs. zero2-reshard: that checkpoint resumed on 1 GPU (universal checkpoint).
-- zero3: the 14B full recipe under zero3_offload.yaml on all GPUs: s/step and memory (stopped
-  after a few steps: its checkpoint would be ~170 GB). zero3-save: 4 trained blocks with a save
+- zero3: the 14B full recipe under zero3.yaml, else zero3_offload.yaml, on all GPUs: s/step and
+  memory (stopped after a few steps: its checkpoint would be ~170 GB), or why neither fits.
+  zero3-save: 4 trained blocks with a save
   and the consolidated export loaded by `load_transformer`. zero3-reshard: that checkpoint
   resumed on 1 GPU.
 - lora14: the 14B LoRA recipe on 1 GPU, then on all.
@@ -315,11 +315,10 @@ def log_text(b: Bench, name: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-# How the 14B full fine-tune is tried on few GPUs, in order (the next only if one fails). Arithmetic
-# for 2 GPUs: sharded bf16 weights + grads 28 GB, fp32 master + AdamW moments 84 GB per GPU; with
-# the optimizer on the GPUs, the checkpointed block inputs (27 GB) go to the host to leave room for
-# one block's recompute. With the optimizer offloaded, the host holds ~16 bytes per parameter
-# (~225 GB for 2 ranks of the 14B blocks), near a 256 GB machine's limit.
+# How the 14B full fine-tune is tried on few GPUs, in order (the next only if one fails); the
+# planner stops an attempt before loading when DeepSpeed's own estimate does not fit. On 2 H200s
+# with 256 GiB of host RAM neither fits (2026-11-30): the optimizer on the GPUs needs ~162 GiB per
+# GPU, offloaded ~314 GiB of host RAM; 3 or more H200s fit the first.
 ZERO3_ATTEMPTS = [
     ("zero3.yaml", {"train.checkpoint_mode": "full", "train.checkpoint_offload": -1},
      "optimizer states on the GPUs; checkpointed block inputs in host memory"),
@@ -339,12 +338,27 @@ def part_zero3(b: Bench) -> dict:
             out = b.train("zero3", b.gpus, "t2v-14B-full.yaml", "t2v-14B", "zero3-all", b.config(config),
                           stop_after_steps=4, **{"train.max_steps": 100, **extra})
         except RuntimeError as e:
-            attempts.append({"config": config, "overrides": extra, "what": what, "error": str(e)[-1500:]})
+            attempts.append({"config": config, "overrides": extra, "what": what,
+                             "error": why_stopped(log_text(b, "zero3")) or str(e)[-1500:]})
             continue
         finally:
             shutil.rmtree(b.work / "runs" / "zero3-all", ignore_errors=True)
         return {**out, "config": config, "overrides": extra, "what": what, "failed_attempts": attempts}
-    raise RuntimeError("every attempt failed: " + json.dumps(attempts)[-2500:])
+    raise RuntimeError("every attempt failed: " + " | ".join(f"{a['config']}: {a['error']}" for a in attempts)[-2500:])
+
+
+def why_stopped(log: str) -> str:
+    """The planner's refusal (its whole advice), or a rank killed by the host (SIGKILL: out of
+    host memory as a rule), from a run's log; '' when neither."""
+    lines = log.splitlines()
+    for i, line in enumerate(lines):
+        if "no memory plan fits" in line:
+            advice = [line[line.index("no memory plan fits"):]]
+            advice += [x.strip() for x in lines[i + 1:i + 8] if x.startswith("  - ")]
+            return " ".join(advice)
+    if "Signal 9 (SIGKILL)" in log:
+        return "a rank was killed with SIGKILL (the host's out-of-memory killer, as a rule)"
+    return ""
 
 
 FOUR_BLOCKS = "['^blocks\\.[0-3]\\.']"

@@ -22,7 +22,7 @@ def _gpus(r: dict) -> str:
 
 def _not_ok(what: str, p: dict) -> list[str]:
     why = " ".join((p.get("error") or p.get("reason", "")).split())  # one table row: no newlines
-    return [what, "", p.get("status", "?").upper(), "", "", "", why[:300]]
+    return [what, "", p.get("status", "?").upper(), "", "", "", why[:900]]
 
 
 def _train_row(what: str, r: dict, note: str = "") -> list[str]:

@@ -169,3 +169,17 @@ def test_results_record_no_machine_folders(monkeypatch, tmp_path):
     env = report.environment(torch.device("cpu"), REPO)
     assert env["command"] == "tools/bench.py --results-dir $OUT/results --work-dir bench/models"
     assert report.portable(str(REPO), REPO) == "." and report.portable(3, REPO) == 3
+
+
+def test_multi_bench_says_why_a_zero3_attempt_stopped():
+    from wantune.bench.multi import why_stopped
+
+    log = ("cache: ...\nerror: no memory plan fits: the most frugal plan (full checkpointing) needs 185.6 GiB\n"
+           "  - LoRA instead of a full fine-tune (train.mode=lora)\n"
+           "  - the full fine-tune sharded over 4 or more such GPUs with DeepSpeed ZeRO-3 (...)\n"
+           "Traceback (most recent call last):\n")
+    assert why_stopped(log) == ("no memory plan fits: the most frugal plan (full checkpointing) needs 185.6 GiB "
+                                "- LoRA instead of a full fine-tune (train.mode=lora) - the full fine-tune "
+                                "sharded over 4 or more such GPUs with DeepSpeed ZeRO-3 (...)")
+    assert "out-of-memory" in why_stopped("rank 1 exitcode -9\n  traceback : Signal 9 (SIGKILL) received")
+    assert why_stopped("exit 1\nValueError: something else") == ""
