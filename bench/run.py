@@ -164,7 +164,7 @@ def run_ours(case: Case, opts: Options, settings: StepSettings, budget_s: float)
         out["block_swap_host_gib"] = swap.host_bytes() / 2**30
     t = step.recipe.train
     out["plan"] = {k: getattr(t, k) for k in ("gradient_checkpointing", "checkpoint_mode", "selective_blocks",
-                                               "checkpoint_offload", "block_swap", "base_dtype")}
+                                               "checkpoint_offload", "checkpoint_segments", "block_swap", "base_dtype")}
     if step.estimate is not None:
         out["plan_text"] = step.estimate.plan.describe(cfg.num_layers)
         out["predicted_gib"] = step.estimate.device / 2**30

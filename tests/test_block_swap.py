@@ -102,12 +102,9 @@ def test_inference_and_remove():
     assert swap.fetches > 0
 
 
-def test_the_fetched_copies_are_the_weights_that_run():
-    """Mark the copies the swap fetches (+0.25 on each): the output must be that of a model holding
-    the marked weights, not of the untouched host copies (equal losses alone cannot tell)."""
-    ref = lora_model()
-    swapped, marked = copy.deepcopy(ref), copy.deepcopy(ref)
-    swap = enable_block_swap(swapped, 2, "cpu")
+def mark_fetches(swap, swapped, marked):
+    """+0.25 on every copy the swap fetches, and on the same weights of `marked` (a copy of the
+    model before the swap): a model that runs the fetched copies computes what `marked` does."""
     fetch = swap._fetch
 
     def marked_fetch(i):
@@ -121,8 +118,17 @@ def test_the_fetched_copies_are_the_weights_that_run():
         for i in swap.swapped:
             names = {id(m): n for n, m in swapped.blocks[i].named_modules()}
             for e in swap.entries[i]:
-                module = marked.blocks[i].get_submodule(names[id(e.module)])
-                getattr(module, e.name).add_(0.25)
+                getattr(marked.blocks[i].get_submodule(names[id(e.module)]), e.name).add_(0.25)
+
+
+def test_the_fetched_copies_are_the_weights_that_run():
+    """Mark the copies the swap fetches (+0.25 on each): the output must be that of a model holding
+    the marked weights, not of the untouched host copies (equal losses alone cannot tell)."""
+    ref = lora_model()
+    swapped, marked = copy.deepcopy(ref), copy.deepcopy(ref)
+    swap = enable_block_swap(swapped, 2, "cpu")
+    mark_fetches(swap, swapped, marked)
+    with torch.no_grad():
         x, t, ctx = batch(5)
         got, want, plain = swapped(x, t, ctx), marked(x, t, ctx), ref(x, t, ctx)
     assert torch.equal(got, want) and not torch.allclose(got, plain, atol=1e-3)
@@ -181,3 +187,23 @@ def test_compiled_blocks_with_swap():
     assert 1 <= counters["stats"]["unique_graphs"] <= 2
     assert swap.fetches >= 6
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("n_blocks", [1, 4])
+def test_segments_recomputed_alone_find_the_weights(n_blocks):
+    """Blocks checkpointed in segments recompute each segment after the block's own recompute has
+    returned (and put its host copies back): each segment must install the copies the block
+    fetched. The fetched copies are marked (+0.25, as above), so a segment recomputed with the
+    host copies gives other gradients than a model holding the marked weights."""
+    ref = lora_model()
+    swapped, marked = copy.deepcopy(ref), copy.deepcopy(ref)
+    for m in (swapped, marked):
+        m.gradient_checkpointing = True
+    swapped.checkpoint_segments = True  # the reference recomputes whole blocks: the same numbers
+    swap = enable_block_swap(swapped, n_blocks, "cpu")
+    mark_fetches(swap, swapped, marked)
+    for seed in (1, 2):
+        assert_same(step(marked, seed), step(swapped, seed))
+    assert swap.fetches <= 2 * (2 * n_blocks - 1) + 1  # the segments fetch nothing more
+    swap.remove()
+    assert all(name not in b.__dict__ for b in swapped.blocks for name in ("_forward", "_forward_segments", *b.SEGMENTS))

@@ -8,7 +8,8 @@ from wan_model.transformer import WanModel
 
 def loss_and_grads(model, mode):
     model.gradient_checkpointing = mode is not None
-    model.checkpoint_mode = mode or "full"
+    model.checkpoint_mode = "full" if mode in (None, "segments") else mode
+    model.checkpoint_segments = mode == "segments"
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 2, 8, 8, generator=g)
     ctx = [torch.randn(5, 32, generator=g)]
@@ -18,7 +19,7 @@ def loss_and_grads(model, mode):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("mode", ["full", "selective", "segments"])
 def test_checkpointing_matches_plain(mode):
     torch.manual_seed(0)
     model = WanModel(FLAVOURS["tiny-t2v"].dit)
@@ -41,3 +42,63 @@ def test_selective_saves_self_attention_only():
     k = torch.zeros(1, 2, 512, 8)
     assert checkpointing._policy(None, op, q, k, k) == CheckpointPolicy.PREFER_RECOMPUTE
     assert checkpointing._policy(None, torch.ops.aten.mm.default, q, q) == CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def test_segments_recompute_one_segment_at_a_time():
+    """Checkpointed in segments, a block's backward holds less than the whole block's recompute
+    (the bytes the real step holds, counted by its tensor storages), and recomputes the
+    attention segments once more (torch keeps the last segment's activations from the block's
+    recompute, which its backward uses at once): self-attention runs three times, FFN twice."""
+    from wantune.train.memory_trace import LiveBytes
+
+    torch.manual_seed(0)
+    model = WanModel(FLAVOURS["tiny-t2v"].dit)
+    peaks, calls = {}, {}
+    for mode in ("full", "segments"):
+        count = {"q": 0, "ffn": 0}
+        hooks = [model.blocks[0].self_attn.q.register_forward_hook(lambda *a: count.__setitem__("q", count["q"] + 1)),
+                 model.blocks[0].ffn[0].register_forward_hook(lambda *a: count.__setitem__("ffn", count["ffn"] + 1))]
+        acct = LiveBytes()
+        with acct:
+            loss_and_grads(model, mode)
+        for h in hooks:
+            h.remove()
+        peaks[mode], calls[mode] = acct.peak["cpu"], count
+    assert calls == {"full": {"q": 2, "ffn": 2}, "segments": {"q": 3, "ffn": 2}}
+    assert peaks["segments"] < peaks["full"], peaks
+
+
+def test_segments_in_compiled_blocks_run_eager_and_match():
+    """A compiled block checkpointed in segments breaks its graph there and runs the nested
+    checkpoints eagerly (backend "eager" keeps dynamo's tracing, which is what could fail)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = WanModel(FLAVOURS["tiny-t2v"].dit)
+    ref_loss, ref = loss_and_grads(model, None)
+    model.compile_blocks(backend="eager")
+    loss, grads = loss_and_grads(model, "segments")
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for n in ref:
+        torch.testing.assert_close(grads[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert any("_checkpointed_segments" in k for k in counters["graph_break"]), dict(counters["graph_break"])
+    torch._dynamo.reset()
+
+
+def test_the_trainer_builds_what_the_recipe_says_and_refuses_segments_without_checkpointing():
+    from wantune.train.config import Recipe
+    from wantune.train.loop import build_model
+
+    r = Recipe()
+    t = r.train
+    t.memory, t.gradient_checkpointing, t.checkpoint_mode = "off", True, "full"
+    t.selective_blocks = t.checkpoint_offload = t.block_swap = 0
+    t.base_dtype, t.checkpoint_segments = "bf16", True
+    model, _ = build_model(r, "cpu", load=lambda dtype, device: WanModel(FLAVOURS["tiny-t2v"].dit).requires_grad_(False))
+    assert model.checkpoint_segments is True and model.segmented(0)
+    t.gradient_checkpointing = False
+    assert any("train.checkpoint_segments=true needs activation checkpointing" in p for p in r.problems())
+    t.gradient_checkpointing = None  # planned: the planner checkpoints when it segments
+    assert not any("checkpoint_segments" in p for p in r.problems())

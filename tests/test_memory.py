@@ -91,7 +91,9 @@ def measured_peak(recipe) -> int:
     Plan(checkpointing=True, keep_attention=6),
     Plan(checkpointing=True, keep_attention=2),
     Plan(checkpointing=True, keep_attention=0, base_dtype="fp8"),
-], ids=["no-ckpt", "selective", "selective-2-of-6", "full-ckpt-fp8"])
+    Plan(checkpointing=True, keep_attention=0, segments=True),
+    Plan(checkpointing=True, keep_attention=2, base_dtype="fp8", segments=True),
+], ids=["no-ckpt", "selective", "selective-2-of-6", "full-ckpt-fp8", "segments", "selective-2-of-6-segments-fp8"])
 def test_predicted_peak_matches_the_real_lora_step(plan):
     recipe = apply_plan(_recipe(memory="off"), plan, CFG.num_layers)
     predicted = planner_for(recipe, CFG, GRID, 1, "cpu").estimate(plan).device
@@ -142,8 +144,10 @@ def test_host_ram_is_part_of_the_plan():
     planner = planner_for(_recipe(), CFG, GRID, 1, "cpu")
     planner.host_levers = True
     n = CFG.num_layers
-    no_swap = planner.estimate(Plan(True, 0, n, 0, "fp8")).needs()  # the most frugal without swap
-    swapped = planner.estimate(Plan(True, 0, n, n, "fp8"))
+    # the most frugal plans without swap and with every block swapped
+    no_swap = min(planner.estimate(Plan(True, 0, n, 0, "fp8", seg)).needs() for seg in (False, True))
+    swapped = min((planner.estimate(Plan(True, 0, n, n, "fp8", seg)) for seg in (False, True)),
+                  key=lambda e: e.needs())
     assert swapped.needs() < no_swap and swapped.host > 0
     device = (swapped.needs() + no_swap) // 2  # only swap plans fit
     roomy = planner.choose(Budget(device, 64 * GIB, "test"))
@@ -330,3 +334,22 @@ def test_blocks_run_eager_under_zero3_only():
         eager_under_zero3(recipe, acc)
         assert recipe.train.compile is compiled, (config, dist)
     assert len(said) == 1 and "ZeRO-3" in said[0]
+
+
+def test_segments_are_planned_when_nothing_else_fits():
+    """Recomputing in segments costs time: chosen only when no plan without it fits, never when
+    the recipe says false, and its peak is below every plan without it."""
+    planner = planner_for(_recipe(), CFG, GRID, 1, "cpu")
+    n = CFG.num_layers
+    frugal = {seg: planner.estimate(Plan(True, 0, 0, 0, "fp8", seg)).needs() for seg in (False, True)}
+    assert frugal[True] < frugal[False]
+    budget = Budget((frugal[True] + frugal[False]) // 2, 64 * GIB, "test")
+    chosen = planner.choose(budget).best
+    assert chosen is not None and chosen.plan.segments and chosen.needs() <= budget.device
+    assert "recomputed in segments" in chosen.plan.describe(n)
+    roomy = planner.choose(Budget(64 * GIB, 64 * GIB, "test")).best
+    assert not roomy.plan.segments  # slower: not chosen where memory allows without
+    refused = planner_for(_recipe(checkpoint_segments=False), CFG, GRID, 1, "cpu").choose(budget)
+    assert refused.best is None
+    recipe = apply_plan(_recipe(), chosen.plan, n)
+    assert recipe.train.checkpoint_segments is True and fixed_levers(recipe.train, n)["segments"] is True

@@ -132,6 +132,11 @@ class TrainConfig:
                                                "null = planned.")
     checkpoint_offload: Optional[int] = _f(None, "The first N blocks keep their checkpointed inputs "
                                                  "in host memory (-1 = all, 0 = none); null = planned.")
+    checkpoint_segments: Optional[bool] = _f(None, "Blocks that recompute everything do it again in "
+                                                   "backward a segment at a time (self-attention, "
+                                                   "cross-attention, FFN): a block's backward holds "
+                                                   "about half the memory, for one more forward of "
+                                                   "each such block; null = planned.")
     block_swap: Optional[int] = _f(None, "Blocks (from the last) whose frozen weights stay in host "
                                          "memory and are streamed to the GPU (0 = none); null = planned.")
     attention_backend: str = _f("auto", "auto, sdpa, cudnn, flash, efficient, math or flash_attn.")
@@ -252,6 +257,9 @@ class Recipe:
             value = getattr(t, key)
             if value is not None and value < -1:
                 out.append(f"train.{key}={value}: -1 (all), 0 or a number of blocks")
+        if t.checkpoint_segments and t.gradient_checkpointing is False:
+            out.append("train.checkpoint_segments=true needs activation checkpointing: set "
+                       "train.gradient_checkpointing=true (or null), or checkpoint_segments=false")
         if t.mode == "full" and t.base_dtype == "fp8":
             out.append("train.base_dtype=fp8 is for LoRA only: full fine-tuning trains the weights themselves")
         if t.fp8_matmul and (t.mode != "lora" or t.base_dtype != "fp8"):

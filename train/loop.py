@@ -93,6 +93,7 @@ def build_model(recipe: Recipe, device, load=None):
     model.checkpoint_mode = t.checkpoint_mode
     model.selective_blocks = t.selective_blocks
     model.offload_blocks = t.checkpoint_offload
+    model.checkpoint_segments = bool(t.checkpoint_segments)
     if t.mode == "lora":
         targets = adapters.add_lora(model, recipe.lora)
     else:

@@ -2,9 +2,9 @@
 
 `train.memory: auto` (or `train.memory_gib: N`) hands the memory levers to this module: whether
 blocks are checkpointed, how many keep their self-attention output (selective checkpointing),
-how many keep their checkpointed inputs in host memory (offload), how many blocks' frozen
-weights live in host memory and are streamed in (block swap), and for LoRA whether the frozen
-base is stored in fp8. Settings written in the recipe are never changed; the planner only fills
+whether the others recompute in segments, how many keep their checkpointed inputs in host memory
+(offload), how many blocks' frozen weights live in host memory and are streamed in (block swap),
+and for LoRA whether the frozen base is stored in fp8. Settings written in the recipe are never changed; the planner only fills
 in what is left to it (`null` in the schema).
 
 How a plan's peak is predicted (`Planner.estimate`):
@@ -48,6 +48,8 @@ GIB = 2**30
 # Every kind a checkpointed block can be, in model order; one traced block each serves all plans.
 KINDS = [BlockKind(keep_attention=True, offload=True), BlockKind(keep_attention=True),
          BlockKind(offload=True), BlockKind()]
+# The same with the blocks that recompute everything doing so in segments (`Plan.segments`).
+KINDS_SEGMENTS = KINDS[:2] + [BlockKind(offload=True, segments=True), BlockKind(segments=True)]
 # Compiled blocks: their backward transient over the eager one's (measured on an H200 with the
 # shipped fast path; see bench/NOTES.md). Eager (and CPU) runs use 1.0.
 COMPILED_TRANSIENT = 0.85
@@ -77,6 +79,7 @@ class Plan:
     offload: int = 0  # blocks (from the first) whose checkpointed inputs live in host memory
     block_swap: int = 0  # blocks (from the last) whose frozen weights live in host memory
     base_dtype: str = "bf16"
+    segments: bool = False  # blocks recomputing everything do so again per segment in backward
 
     def counts(self, n: int) -> list[int]:
         """Blocks of each kind of `KINDS`, in the order the model runs them: first those that
@@ -95,6 +98,8 @@ class Plan:
             parts = [f"selective checkpointing (self-attention kept in {self.keep_attention} of {n} blocks)"]
         else:
             parts = ["full checkpointing"]
+        if self.checkpointing and self.segments and self.keep_attention < n:
+            parts.append("recomputed in segments")
         if self.checkpointing and self.offload:
             parts.append(f"checkpointed inputs of {min(self.offload, n)} blocks in host memory")
         if self.block_swap:
@@ -265,7 +270,7 @@ class Planner:
         block the plan lacks still leaves a little behind, so this errs on the high side by a
         few percent)."""
         setup = self._setup(plan)
-        kinds = KINDS if plan.checkpointing else [BlockKind()]
+        kinds = (KINDS_SEGMENTS if plan.segments else KINDS) if plan.checkpointing else [BlockKind()]
         counts = plan.counts(self.n)
         if exact:
             kinds = [k for k, c in zip(kinds, counts) if c]
@@ -289,8 +294,9 @@ class Planner:
         # none; the per-tensor updates elsewhere about two of the largest parameter)
         step_temp = 2 * st["largest_trained"]
         trace, counts = self.trace(plan, exact)
-        # Swapped blocks run uncompiled (block_swap.py): their backward has the eager transient.
-        compiled = self.compiled and self.device.type == "cuda" and not plan.block_swap
+        # Swapped blocks and blocks recomputed in segments run uncompiled: the eager transient.
+        compiled = (self.compiled and self.device.type == "cuda" and not plan.block_swap
+                    and not (plan.segments and plan.checkpointing and plan.keep_attention < self.n))
         scale = COMPILED_TRANSIENT if compiled else 1.0
         activations = trace.peak(counts, transient_scale=scale)
         if self.device.type == "cuda":
@@ -370,11 +376,16 @@ class Planner:
                 t += linear / r.matmul + (attn - (self_attn if i < plan.keep_attention else 0)) / r.attention
                 if i < plan.offload:
                     t += x_bytes / (r.copy * OFFLOAD_EFFICIENCY)
+                if plan.segments and i >= plan.keep_attention:
+                    # the attention segments recomputed once more (torch keeps the FFN segment's
+                    # activations from the block's recompute: its backward comes first)
+                    t += fwd - 2 * L * 2 * d * f / r.matmul
             swapped = i >= self.n - plan.block_swap
             if swapped:  # fetched before the forward and again before the recompute
                 passes = 2 if plan.checkpointing else 1
                 t += passes * max(0.0, st["block_frozen"][i] / r.copy - fwd) + 0.02 * st["block_frozen"][i] / r.copy
-            if self.compiled and not swapped:
+            eager = plan.segments and plan.checkpointing and i >= plan.keep_attention
+            if self.compiled and not swapped and not eager:
                 t *= 1.0
             elif self.device.type == "cuda":
                 t *= 1 + r.eager_overhead
@@ -399,10 +410,14 @@ class Planner:
                 keeps = [fx["keep_attention"]] if "keep_attention" in fx else (grid if ck else [0])
                 offs = [fx["offload"]] if "offload" in fx else (host_grid if ck else [0])
                 swaps = [fx["block_swap"]] if "block_swap" in fx else (host_grid if (ck and swappable) else [0])
-                for s in swaps:
-                    for o in offs:
-                        for k in keeps:
-                            out.append(Plan(ck, min(k, n), min(o, n), min(s, n), base))
+                segs = [fx["segments"]] if "segments" in fx else ([False, True] if ck else [False])
+                for seg in segs:
+                    for s in swaps:
+                        for o in offs:
+                            for k in keeps:
+                                if seg and k >= n:
+                                    continue  # no block recomputes everything: nothing to segment
+                                out.append(Plan(ck, min(k, n), min(o, n), min(s, n), base, bool(seg and ck)))
         return out
 
     def choose(self, budget: Budget, exact_checks: int = 6) -> "Choice":
@@ -525,6 +540,8 @@ def fixed_levers(t, n: int) -> dict:
         fixed["offload"] = n if t.checkpoint_offload < 0 else t.checkpoint_offload
     if t.block_swap is not None:
         fixed["block_swap"] = t.block_swap
+    if t.checkpoint_segments is not None:
+        fixed["segments"] = bool(t.checkpoint_segments)
     if t.mode == "full":
         fixed["base_dtype"] = "fp32"
     elif t.base_dtype is not None:
@@ -538,7 +555,7 @@ def default_plan(t, n: int) -> Plan:
     keep = f.get("keep_attention", n)
     return Plan(checkpointing=f.get("checkpointing", True), keep_attention=keep,
                 offload=f.get("offload", 0), block_swap=f.get("block_swap", 0),
-                base_dtype=f.get("base_dtype", "bf16"))
+                base_dtype=f.get("base_dtype", "bf16"), segments=f.get("segments", False))
 
 
 def apply_plan(recipe, plan: Plan, n: int):
@@ -550,6 +567,7 @@ def apply_plan(recipe, plan: Plan, n: int):
     t.selective_blocks = -1 if plan.keep_attention >= n else plan.keep_attention
     t.checkpoint_offload = -1 if (plan.offload >= n and plan.offload > 0) else plan.offload
     t.block_swap = plan.block_swap
+    t.checkpoint_segments = plan.segments and plan.checkpointing
     if t.mode == "lora":
         t.base_dtype = plan.base_dtype
     return out

@@ -87,6 +87,7 @@ class BlockKind:
     """How one DiT block is checkpointed in a plan."""
     keep_attention: bool = False  # selective checkpointing: the self-attention output is kept
     offload: bool = False  # its checkpointed inputs live in host memory
+    segments: bool = False  # recomputing everything, it does so a segment at a time
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,7 @@ def trace_step(cfg, setup: StepSetup, kinds: list[BlockKind], device) -> StepTra
     # each traced block is of its own kind (the model's counts would make them prefixes)
     model.keeps_attention = lambda i: kinds[i].keep_attention
     model.offloads = lambda i: kinds[i].offload
+    model.segmented = lambda i: kinds[i].segments
     model.train()
 
     dev = device.type

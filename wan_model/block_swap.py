@@ -122,15 +122,21 @@ class BlockSwap:
         self.fetches = 0  # host->device copies of a whole block, for tests and the benchmark
         self._warned = False
         self.handles = []
-        self.wrapped: dict[int, tuple[nn.Module, str]] = {}
+        self.wrapped: dict[int, tuple[nn.Module, list[str]]] = {}
         for i, block in enumerate(blocks):
             if i in self.entries:
                 # The block's inner forward is wrapped (not its __call__): a block that
                 # checkpoints inside its forward recomputes that inner function in backward,
-                # and the weights must be fetched again right there.
-                name = "_forward" if hasattr(block, "_forward") else "forward"
-                setattr(block, name, self._wrap(i, getattr(block, name)))
-                self.wrapped[i] = (block, name)
+                # and the weights must be fetched again right there. A block checkpointed in
+                # segments recomputes each segment later still, after its inner forward has
+                # returned: each segment fetches the weights again if they are not installed.
+                names = [n for n in ("_forward", "_forward_segments") if hasattr(block, n)] or ["forward"]
+                for name in names:
+                    setattr(block, name, self._wrap(i, getattr(block, name)))
+                for name in getattr(block, "SEGMENTS", ()):
+                    setattr(block, name, self._wrap(i, getattr(block, name), segment=True))
+                    names.append(name)
+                self.wrapped[i] = (block, names)
             else:  # resident blocks only start the prefetch of the next swapped block
                 self.handles.append(block.register_forward_pre_hook(self._make_pre_hook(i)))
 
@@ -257,20 +263,32 @@ class BlockSwap:
         if nxt is not None and self.prefetch_enabled:
             self._fetch(nxt)
 
-    def _wrap(self, i: int, inner):
+    def _wrap(self, i: int, inner, segment: bool = False):
         """Weights in, run, host copies back in the module (autograd keeps what it saved).
-        Runs eagerly under torch.compile: a swapped block's time is the transfer's anyway."""
-        @torch._dynamo.disable
-        def swapped_forward(*args, **kwargs):
-            with _disable_current_modes():
+        Runs eagerly under torch.compile: a swapped block's time is the transfer's anyway.
+        A `segment` of block i runs as it is inside the block's wrapped forward (the weights are
+        installed); recomputed alone in backward, it installs the copies the block fetched (kept
+        until the next block starts) and puts the host copies back after."""
+        def enter():
+            if not segment:
                 self._before_block(i)
+            else:
+                self._install(i, self._acquire(i))
+                self.installed.add(i)
+
+        @torch._dynamo.disable
+        def swapped(*args, **kwargs):
+            if segment and i in self.installed:
+                return inner(*args, **kwargs)
+            with _disable_current_modes():
+                enter()
             try:
                 return inner(*args, **kwargs)
             finally:
                 with _disable_current_modes():
                     self._restore_host(i)
-        swapped_forward.__wrapped__ = inner
-        return swapped_forward
+        swapped.__wrapped__ = inner
+        return swapped
 
     # -- public ----------------------------------------------------------------------------
     def release(self) -> None:
@@ -285,8 +303,9 @@ class BlockSwap:
         self.release()
         for h in self.handles:
             h.remove()
-        for block, name in self.wrapped.values():
-            delattr(block, name)  # the class's method again
+        for block, names in self.wrapped.values():
+            for name in names:
+                delattr(block, name)  # the class's method again
         self.wrapped.clear()
         for es in self.entries.values():
             for e in es:

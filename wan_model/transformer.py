@@ -128,19 +128,49 @@ class WanAttentionBlock(nn.Module):
                                  nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
+    # the methods that touch the block's weights, for block swap (`wan_model/block_swap.py`)
+    SEGMENTS = ("_self_part", "_cross_part", "_ffn_part")
+
     def forward(self, x, e0, context, rope, compute_dtype, ckpt: str | None = None):
         """x [B,L,dim] float32 residual stream; e0 [B,6,dim] float32. With `ckpt` ("full" or
-        "selective") the block's activations are checkpointed; the checkpoint sits inside
-        forward so that a compiled block compiles it too."""
+        "selective") the block's activations are checkpointed; "segments": checkpointed as
+        "full", and its recompute in backward checkpointed again per segment (self-attention,
+        cross-attention, FFN), so that backward holds one segment's activations at a time, for
+        one more forward of the block. The checkpoint sits inside forward so that a compiled
+        block compiles it too."""
+        if ckpt == "segments":
+            return self._checkpointed_segments(x, e0, context, rope, compute_dtype)
         if ckpt is not None:
             return checkpointing.run(self._forward, x, e0, context, rope, compute_dtype, mode=ckpt)
         return self._forward(x, e0, context, rope, compute_dtype)
 
     def _forward(self, x, e0, context, rope, compute_dtype):
         m = (self.modulation.float() + e0).chunk(6, dim=1)
+        x = self._self_part(x, m, rope, compute_dtype)
+        x = self._cross_part(x, context, compute_dtype)
+        return self._ffn_part(x, m, compute_dtype)
+
+    @torch._dynamo.disable
+    def _checkpointed_segments(self, x, e0, context, rope, compute_dtype):
+        """Nested checkpoints run eager in a compiled block (a graph break): the memory lever for
+        the tightest plans, where the time goes to recomputing anyway."""
+        return checkpointing.run(self._forward_segments, x, e0, context, rope, compute_dtype, mode="full")
+
+    def _forward_segments(self, x, e0, context, rope, compute_dtype):
+        """`_forward` with each segment checkpointed from its float32 residual input."""
+        m = (self.modulation.float() + e0).chunk(6, dim=1)
+        x = checkpointing.run(self._self_part, x, m, rope, compute_dtype)
+        x = checkpointing.run(self._cross_part, x, context, compute_dtype)
+        return checkpointing.run(self._ffn_part, x, m, compute_dtype)
+
+    def _self_part(self, x, m, rope, compute_dtype):
         h = (self.norm1(x) * (1 + m[1]) + m[0]).to(compute_dtype)
-        x = x + self.self_attn(h, rope).float() * m[2]
-        x = x + self.cross_attn(self.norm3(x).to(compute_dtype), context).float()
+        return x + self.self_attn(h, rope).float() * m[2]
+
+    def _cross_part(self, x, context, compute_dtype):
+        return x + self.cross_attn(self.norm3(x).to(compute_dtype), context).float()
+
+    def _ffn_part(self, x, m, compute_dtype):
         h = (self.norm2(x) * (1 + m[4]) + m[3]).to(compute_dtype)
         return x + self.ffn(h).float() * m[5]
 
@@ -199,6 +229,7 @@ class WanModel(nn.Module):
         self.checkpoint_mode = "full"  # or "selective": keep self-attention outputs
         self.selective_blocks = -1  # selective: only the first N blocks keep them (-1 = all)
         self.offload_blocks = 0  # the first N blocks keep their checkpointed inputs in host memory (-1 = all)
+        self.checkpoint_segments = False  # blocks recomputing everything do so a segment at a time
         self.sequence_parallel = None  # set by wan_model.sequence_parallel.attach
 
     # -- helpers -------------------------------------------------------------------------------
@@ -240,6 +271,10 @@ class WanModel(nn.Module):
         """Whether block `index` keeps its self-attention output (selective checkpointing)."""
         return self.selective_blocks < 0 or index < self.selective_blocks
 
+    def segmented(self, index: int) -> bool:
+        """Whether block `index`, when it recomputes everything, does so in segments."""
+        return self.checkpoint_segments
+
     def offloads(self, index: int) -> bool:
         """Whether block `index` keeps its checkpointed inputs in host memory."""
         return self.offload_blocks < 0 or index < self.offload_blocks
@@ -250,6 +285,8 @@ class WanModel(nn.Module):
         mode = self.checkpoint_mode
         if mode == "selective" and not self.keeps_attention(index):
             mode = "full"  # memory is tight: the later blocks recompute their attention
+        if mode == "full" and self.segmented(index):
+            mode = "segments"  # tighter still: the recompute in backward too, a segment at a time
         if not self.offloads(index):
             return block(x, e0, context, rope, dtype, mode)
         rope_parts = rope if isinstance(rope, (tuple, list)) else (rope,)
