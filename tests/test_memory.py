@@ -349,6 +349,9 @@ def test_segments_are_planned_when_nothing_else_fits():
     assert "recomputed in segments" in chosen.plan.describe(n)
     roomy = planner.choose(Budget(64 * GIB, 64 * GIB, "test")).best
     assert not roomy.plan.segments  # slower: not chosen where memory allows without
+    # the last resort: just enough for the most frugal plan without segments takes that plan
+    just = planner.choose(Budget(frugal[False], 64 * GIB, "test")).best
+    assert just is not None and not just.plan.segments
     refused = planner_for(_recipe(checkpoint_segments=False), CFG, GRID, 1, "cpu").choose(budget)
     assert refused.best is None
     recipe = apply_plan(_recipe(), chosen.plan, n)

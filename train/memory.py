@@ -23,7 +23,8 @@ How plans are ranked: a step-time model from FLOPs and the device's rates (matmu
 host<->device copies; measured in a second on a GPU): recomputed attention where no output is
 kept, offload traffic, swap traffic not hidden under compute, swapped blocks running uncompiled.
 fp8 base weights round the frozen weights (about 3% per element), so a bf16 plan is preferred
-unless no bf16 plan fits or it is more than `FP8_PREFERENCE` slower.
+unless no bf16 plan fits or it is more than `FP8_PREFERENCE` slower. Recomputing in segments is
+chosen only when no plan without it fits (not yet measured on GPUs).
 
 Under DeepSpeed ZeRO (`Sharding`), a full fine-tune's weights, gradients and AdamW state per rank
 and the host memory of an offloaded optimizer are DeepSpeed's own estimates
@@ -443,9 +444,9 @@ class Planner:
             if est.needs() <= budget.device and est.host <= budget.host:
                 fits.append(est)
                 fits.sort(key=self._rank)
-        if not fits:  # fall back on the fastest rough candidates, checked exactly
-            for e in rough:
-                if e.needs() <= budget.device and e.host <= budget.host:
+        if not fits:  # fall back on the rough candidates in rank order, checked exactly
+            for e in rough:  # (the rough estimate errs high: near the limit it may not fit)
+                if e.host <= budget.host:
                     exact = self.estimate(e.plan)
                     if exact.needs() <= budget.device and exact.host <= budget.host:
                         fits = [exact]
@@ -457,7 +458,9 @@ class Planner:
 
     def _rank(self, e: Estimate) -> tuple:
         fp8 = e.plan.base_dtype == "fp8" and "base_dtype" not in self.fixed
-        return (e.seconds * (1 + FP8_PREFERENCE if fp8 else 1), e.device)
+        # segments are the last resort until measured on GPUs: any plan without them ranks first
+        last = e.plan.segments and "segments" not in self.fixed
+        return (last, e.seconds * (1 + FP8_PREFERENCE if fp8 else 1), e.device)
 
 
 @dataclass
