@@ -126,7 +126,7 @@ def eager_under_zero3(recipe: Recipe, acc) -> None:
     """ZeRO-3 gathers each block's weights in module hooks, which torch.compile re-traces for
     every block until its recompile limit (seen on 2 H200s: no step in minutes): under ZeRO-3
     the blocks run eager, said once."""
-    if recipe.train.compile and _is_deepspeed(acc) and acc.state.deepspeed_plugin.zero_stage == 3:
+    if recipe.train.compile and _zero_stage(acc) == 3:
         recipe.train.compile = False
         acc.print("compile: off under DeepSpeed ZeRO-3 (its weight gathering runs in module hooks "
                   "that torch.compile would re-trace for every block); the blocks run eager")
@@ -212,7 +212,7 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
     parallel.enable(model, layout)
     ema = (adapters.EMA(trained_tensors(model), recipe.full.ema_decay)
            if recipe.train.mode == "full" and recipe.full.ema else None)
-    if ema is not None and _is_deepspeed(acc) and acc.state.deepspeed_plugin.zero_stage == 3:
+    if ema is not None and _zero_stage(acc) == 3:
         raise ValueError("full.ema=true needs every weight on every GPU, and ZeRO-3 shards them: "
                          "set full.ema=false, or use recipes/accelerate/zero2.yaml")
     optimizer = build_optimizer(model.parameters(), recipe.train.optim, device.type)
@@ -371,6 +371,11 @@ def _previewer(recipe: Recipe, acc, model, out_dir: Path, corpus_clip: str):
     from .validation import Previewer
 
     return Previewer(recipe, acc, model, out_dir / "samples", corpus_clip)
+
+
+def _zero_stage(acc) -> int:
+    """DeepSpeed ZeRO's stage for this run, 0 without DeepSpeed."""
+    return acc.state.deepspeed_plugin.zero_stage if _is_deepspeed(acc) else 0
 
 
 def _is_deepspeed(acc) -> bool:

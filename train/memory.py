@@ -90,6 +90,10 @@ class Plan:
         k, o = min(self.keep_attention, n), min(self.offload, n)
         return [min(k, o), max(k - o, 0), max(o - k, 0), n - max(k, o)]
 
+    def segmented(self, n: int) -> int:
+        """How many blocks recompute in segments: those that keep no attention output."""
+        return n - min(self.keep_attention, n) if self.checkpointing and self.segments else 0
+
     def describe(self, n: int) -> str:
         if not self.checkpointing:
             parts = ["no activation checkpointing"]
@@ -99,7 +103,7 @@ class Plan:
             parts = [f"selective checkpointing (self-attention kept in {self.keep_attention} of {n} blocks)"]
         else:
             parts = ["full checkpointing"]
-        if self.checkpointing and self.segments and self.keep_attention < n:
+        if self.segmented(n):
             parts.append("recomputed in segments")
         if self.checkpointing and self.offload:
             parts.append(f"checkpointed inputs of {min(self.offload, n)} blocks in host memory")
@@ -123,8 +127,8 @@ class Sharding:
     def from_deepspeed(zero_stage: int, ds_config: dict, world: int, local_ranks: int) -> "Sharding":
         zo = ds_config.get("zero_optimization", {}) or {}
         device = (zo.get("offload_optimizer") or {}).get("device", "none")
-        bucket = zo.get("reduce_bucket_size", 5e8)
-        bucket = int(float(bucket)) if not isinstance(bucket, str) or bucket != "auto" else 500_000_000
+        bucket = zo.get("reduce_bucket_size", "auto")  # "auto": accelerate fills it in later
+        bucket = Sharding.bucket_elements if bucket == "auto" else int(float(bucket))
         return Sharding(int(zero_stage), max(1, world), str(device).lower() in ("cpu", "nvme"),
                         bucket, max(1, min(local_ranks, world)))
 
@@ -297,9 +301,11 @@ class Planner:
         trace, counts = self.trace(plan, exact)
         # Swapped blocks and blocks recomputed in segments run uncompiled: the eager transient.
         compiled = (self.compiled and self.device.type == "cuda" and not plan.block_swap
-                    and not (plan.segments and plan.checkpointing and plan.keep_attention < self.n))
+                    and not plan.segmented(self.n))
         scale = COMPILED_TRANSIENT if compiled else 1.0
-        activations = trace.peak(counts, transient_scale=scale)
+        # under ZeRO the gradients go into its buckets as they are made: none stays with its block
+        kept = replace(trace, grads=[0] * len(trace.grads)) if self.sharding.stage else trace
+        activations = kept.peak(counts, transient_scale=scale)
         if self.device.type == "cuda":
             L = tokens_of(self.cfg, self.setup.latent_grid) * self.setup.batch
             workspace = ATTENTION_WORKSPACE if compiled else ATTENTION_WORKSPACE_EAGER
@@ -307,12 +313,10 @@ class Planner:
         optim_step = st["trained"] + step_temp
         optim_host = 0
         if self.sharding.stage:
-            # "optimizer" holds the gradient partitions too; "gradients" the reduce buckets
-            weights, grads_kept, optim, optim_step, optim_host = self._zero_state(st)
-            # the gradients go into ZeRO's buckets as they are made: none stays with its block
-            activations = replace(trace, grads=[0] * len(trace.grads)).peak(counts, transient_scale=scale)
-            if self.device.type == "cuda":
-                activations += int(workspace * L * self.cfg.dim * 4)
+            # "optimizer" holds the gradient partitions too (DeepSpeed's 18 bytes per parameter
+            # include the fp32 gradients its step uses: no step transient); "gradients" the buckets
+            weights, grads_kept, optim, optim_host = self._zero_state(st)
+            optim_step = 0
         device = weights + optim + grads_kept + max(activations, optim_step)
         pinned = sum(st["block_pinned"][self.n - plan.block_swap:]) if plan.block_swap else 0
         offloaded = trace.host_peak(counts)
@@ -326,14 +330,13 @@ class Planner:
         reserve = int(RESERVE_GIB * GIB) if self.device.type == "cuda" else 0
         return Estimate(plan, int(device), int(host), self.seconds(plan), parts, reserve)
 
-    def _zero_state(self, st: dict) -> tuple[int, int, int, int, int]:
-        """(weights, reduce buckets, other model states, optimizer-step transient, host bytes) of
-        one rank under DeepSpeed ZeRO with bf16, from DeepSpeed's own estimators: bf16 weights
-        (2 bytes per parameter; sharded at stage 3, plus the largest layer gathered), and 18 bytes
-        per trained parameter of bf16 and fp32 gradients, fp32 master weights and AdamW moments,
-        sharded (2 with the optimizer offloaded); on the host, the offloaded optimizer with
-        DeepSpeed's buffer factor, or each rank's fp32 copy of the model while it is loaded
-        (no zero.Init). The frozen weights add their bf16 bytes."""
+    def _zero_state(self, st: dict) -> tuple[int, int, int, int]:
+        """(weights, reduce buckets, other model states, host bytes) of one rank under DeepSpeed
+        ZeRO with bf16, from DeepSpeed's own estimators: bf16 weights (2 bytes per parameter;
+        sharded at stage 3, plus the largest layer gathered), and 18 bytes per trained parameter
+        of bf16 and fp32 gradients, fp32 master weights and AdamW moments, sharded (2 with the
+        optimizer offloaded); on the host, the offloaded optimizer with DeepSpeed's buffer factor
+        (0 when it stays on the GPUs). The frozen weights add their bf16 bytes."""
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -351,7 +354,7 @@ class Planner:
             weights = 2 * n_all
         buckets = min(2 * 2 * sh.bucket_elements, 4 * n_t)  # the bf16 reduce bucket, double-buffered
         optim = states - (weights - 2 * (n_all - n_t) // (sh.world if sh.stage >= 3 else 1))
-        return int(weights), int(buckets), int(optim), 0, int(host) if sh.offload_optimizer else 0
+        return int(weights), int(buckets), int(optim), int(host) if sh.offload_optimizer else 0
 
     # -- time -----------------------------------------------------------------------------
     def seconds(self, plan: Plan) -> float:
@@ -377,16 +380,15 @@ class Planner:
                 t += linear / r.matmul + (attn - (self_attn if i < plan.keep_attention else 0)) / r.attention
                 if i < plan.offload:
                     t += x_bytes / (r.copy * OFFLOAD_EFFICIENCY)
-                if plan.segments and i >= plan.keep_attention:
-                    # the attention segments recomputed once more (torch keeps the FFN segment's
-                    # activations from the block's recompute: its backward comes first)
-                    t += fwd - 2 * L * 2 * d * f / r.matmul
+            segmented = i >= self.n - plan.segmented(self.n)  # the blocks keeping no attention
+            if segmented:  # the attention segments recomputed once more (torch keeps the FFN
+                # segment's activations from the block's recompute: its backward comes first)
+                t += fwd - 2 * L * 2 * d * f / r.matmul
             swapped = i >= self.n - plan.block_swap
             if swapped:  # fetched before the forward and again before the recompute
                 passes = 2 if plan.checkpointing else 1
                 t += passes * max(0.0, st["block_frozen"][i] / r.copy - fwd) + 0.02 * st["block_frozen"][i] / r.copy
-            eager = plan.segments and plan.checkpointing and i >= plan.keep_attention
-            if self.compiled and not swapped and not eager:
+            if self.compiled and not swapped and not segmented:
                 t *= 1.0
             elif self.device.type == "cuda":
                 t *= 1 + r.eager_overhead

@@ -130,9 +130,8 @@ class BlockSwap:
                 # and the weights must be fetched again right there. A block checkpointed in
                 # segments recomputes each segment later still, after its inner forward has
                 # returned: each segment fetches the weights again if they are not installed.
-                names = [n for n in ("_forward", "_forward_segments") if hasattr(block, n)] or ["forward"]
-                for name in names:
-                    setattr(block, name, self._wrap(i, getattr(block, name)))
+                names = ["_forward" if hasattr(block, "_forward") else "forward"]
+                setattr(block, names[0], self._wrap(i, getattr(block, names[0])))
                 for name in getattr(block, "SEGMENTS", ()):
                     setattr(block, name, self._wrap(i, getattr(block, name), segment=True))
                     names.append(name)

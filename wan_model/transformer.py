@@ -114,6 +114,10 @@ class CrossAttention(nn.Module):
         return self.o(out.flatten(2))
 
 
+def _call(fn, *args):
+    return fn(*args)
+
+
 class WanAttentionBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -144,24 +148,19 @@ class WanAttentionBlock(nn.Module):
             return checkpointing.run(self._forward, x, e0, context, rope, compute_dtype, mode=ckpt)
         return self._forward(x, e0, context, rope, compute_dtype)
 
-    def _forward(self, x, e0, context, rope, compute_dtype):
-        m = (self.modulation.float() + e0).chunk(6, dim=1)
-        x = self._self_part(x, m, rope, compute_dtype)
-        x = self._cross_part(x, context, compute_dtype)
-        return self._ffn_part(x, m, compute_dtype)
-
     @torch._dynamo.disable
     def _checkpointed_segments(self, x, e0, context, rope, compute_dtype):
         """Nested checkpoints run eager in a compiled block (a graph break): the memory lever for
         the tightest plans, where the time goes to recomputing anyway."""
-        return checkpointing.run(self._forward_segments, x, e0, context, rope, compute_dtype, mode="full")
+        return checkpointing.run(self._forward, x, e0, context, rope, compute_dtype, True, mode="full")
 
-    def _forward_segments(self, x, e0, context, rope, compute_dtype):
-        """`_forward` with each segment checkpointed from its float32 residual input."""
+    def _forward(self, x, e0, context, rope, compute_dtype, segments: bool = False):
+        """The block; with `segments` each segment checkpointed from its float32 residual input."""
+        run = checkpointing.run if segments else _call
         m = (self.modulation.float() + e0).chunk(6, dim=1)
-        x = checkpointing.run(self._self_part, x, m, rope, compute_dtype)
-        x = checkpointing.run(self._cross_part, x, context, compute_dtype)
-        return checkpointing.run(self._ffn_part, x, m, compute_dtype)
+        x = run(self._self_part, x, m, rope, compute_dtype)
+        x = run(self._cross_part, x, context, compute_dtype)
+        return run(self._ffn_part, x, m, compute_dtype)
 
     def _self_part(self, x, m, rope, compute_dtype):
         h = (self.norm1(x) * (1 + m[1]) + m[0]).to(compute_dtype)
