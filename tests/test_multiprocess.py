@@ -253,3 +253,10 @@ def test_universal_load_step_counters_go_where_torch_puts_them():
         got = ours.state[p]["step"]
         assert (got.device, got.dtype) == (want.device, want.dtype), kw
         assert moved == (1 if kw else 0), kw
+        # ZeRO-3: the state is keyed by a flat partition that DeepSpeed puts in the group only
+        # for its own step (seen on 2 H200s resuming a ZeRO-3 checkpoint on 1)
+        stage3, p = optimizer(**kw)
+        stage3.param_groups[0]["params"] = []
+        assert reshard.place_optimizer_steps(stage3) == (1 if kw else 0), kw
+        got = stage3.state[p]["step"]
+        assert (got.device, got.dtype) == (want.device, want.dtype), kw

@@ -97,20 +97,24 @@ def place_optimizer_steps(optimizer) -> int:
     `load_state_dict` does: a fused (or capturable) torch optimizer keeps `step` as a float32
     tensor on its parameter's device. DeepSpeed's universal load sets the counter as it was
     saved, a CPU tensor, and the first fused AdamW step on the GPU then stops ("state_steps is on
-    cpu"). Returns how many counters were moved."""
+    cpu"). Under ZeRO-3 the state is keyed by flat fp32 partitions that sit in a param group only
+    during DeepSpeed's step (its param groups are empty in between), so a partition in no group
+    follows the groups' setting. Returns how many counters were moved."""
     import torch
 
     while hasattr(optimizer, "optimizer"):  # accelerate's wrapper, then DeepSpeed's, then torch's
         optimizer = optimizer.optimizer
+    groups = getattr(optimizer, "param_groups", [])
+    on_device = {id(p): bool(g.get("fused") or g.get("capturable")) for g in groups for p in g["params"]}
+    default = any(g.get("fused") or g.get("capturable") for g in groups)
     moved = 0
-    for group in getattr(optimizer, "param_groups", []):
-        if not (group.get("fused") or group.get("capturable")):
+    for p, state in getattr(optimizer, "state", {}).items():
+        step = state.get("step") if isinstance(state, dict) else None
+        if not on_device.get(id(p), default) or not isinstance(step, torch.Tensor):
             continue
-        for p in group["params"]:
-            step = optimizer.state.get(p, {}).get("step")
-            if isinstance(step, torch.Tensor) and (step.device != p.device or step.dtype != torch.float32):
-                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
-                moved += 1
+        if step.device != p.device or step.dtype != torch.float32:
+            state["step"] = step.to(device=p.device, dtype=torch.float32)
+            moved += 1
     return moved
 
 
