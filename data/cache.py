@@ -10,6 +10,7 @@ end.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -222,41 +223,57 @@ def _encode_latents(todo: list[tuple[Item, dict]], plan: Plan, encoders: Encoder
     failures = []
     writer = _Writer(cache_dir, on_item)
     bar = _bar(len(items), desc, "clip", progress)
-    # cuDNN picks the fastest algorithm per convolution shape (a few shapes, tried once), or by
-    # rule with deterministic kernels (data.vae_deterministic); the switches are restored
-    # afterwards so that training and previews run as they would have
-    benchmark, deterministic = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
-    if encoders.device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.vae_deterministic
-        torch.backends.cudnn.deterministic = cfg.vae_deterministic
+    kernels = vae_kernels(cfg.vae_deterministic) if encoders.device.type == "cuda" else contextlib.nullcontext()
     try:
-        for batch in batches:
-            writer.check()
-            good = [(i, v) for i, v in batch if isinstance(v, torch.Tensor)]
-            failures += [f"{items[i].key}: {v}" for i, v in batch if not isinstance(v, torch.Tensor)]
-            if good:
-                # one clip stays in the loader's pinned memory, so its upload runs asynchronously
-                stacked = good[0][1][None] if len(good) == 1 else torch.stack([v for _, v in good])
-                video = to_model_range(stacked.to(encoders.device, non_blocking=True))
-                with torch.no_grad():
-                    tensors = {"latents": vae.encode(video)}
-                    if clip is not None:
-                        tensors["clip_fea"] = clip.encode(video[:, :, 0])
-                        tensors["y"] = first_frame_condition(vae, video)
-                for b, (i, _) in enumerate(good):
-                    writer.submit(items[i].key, dict(todo[i][1]),
-                                  {k: t[b].detach().to(out_dtype) for k, t in tensors.items()})
-            bar.update(len(batch))
-        writer.finish()
+        with kernels:
+            for batch in batches:
+                writer.check()
+                good = [(i, v) for i, v in batch if isinstance(v, torch.Tensor)]
+                failures += [f"{items[i].key}: {v}" for i, v in batch if not isinstance(v, torch.Tensor)]
+                if good:
+                    # one clip stays in the loader's pinned memory, so its upload runs asynchronously
+                    stacked = good[0][1][None] if len(good) == 1 else torch.stack([v for _, v in good])
+                    video = to_model_range(stacked.to(encoders.device, non_blocking=True))
+                    with torch.no_grad():
+                        tensors = {"latents": vae.encode(video)}
+                        if clip is not None:
+                            tensors["clip_fea"] = clip.encode(video[:, :, 0])
+                            tensors["y"] = first_frame_condition(vae, video)
+                    for b, (i, _) in enumerate(good):
+                        writer.submit(items[i].key, dict(todo[i][1]),
+                                      {k: t[b].detach().to(out_dtype) for k, t in tensors.items()})
+                bar.update(len(batch))
+            writer.finish()
         failures += [f"{key}: the encoders gave NaN/inf {names} (an overflow in {cfg.vae_dtype}?): "
                      "not cached; try data.vae_dtype=float32" for key, names in writer.not_finite]
     finally:
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, deterministic
         writer.close()
         bar.close()
     del vae, clip, loader, batches
     free_memory()
     return failures
+
+
+@contextlib.contextmanager
+def vae_kernels(deterministic: bool):
+    """The kernel choices of a GPU encode. Timed (the default): cuDNN times its algorithms per
+    convolution shape (a few shapes, tried once) and torch.compile's Triton kernels are
+    autotuned on the device; both choices can differ between processes, and the latents with
+    them in the last bf16 bit (seen on an H200: two fresh processes 0.0156 apart, one process
+    repeating itself exactly). Deterministic (data.vae_deterministic): cuDNN by rule with
+    deterministic kernels, and Inductor's deterministic mode (no on-device benchmarking), so
+    every process picks the same kernels. The switches are restored afterwards, so that training
+    and previews run as they would have; kernels compiled inside keep their choice."""
+    import torch._inductor.config as inductor
+
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    inductor.deterministic = deterministic or saved[2]
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic = saved
 
 
 class _Writer:

@@ -108,10 +108,10 @@ class DataConfig:
                 "torch.compile): the same latents to bf16 rounding, ~1.8x faster encode on an "
                 "H100; the first clip of each shape compiles."})
     vae_deterministic: bool = field(default=False, metadata={
-        "help": "On GPUs, let cuDNN choose its convolution algorithms by rule instead of timing them "
-                "(cudnn.benchmark off, deterministic kernels): the same latents bit for bit on "
-                "every run and any number of GPUs. Off, timed choices can differ from run to run "
-                "and the latents in the last bf16 bit."})
+        "help": "On GPUs, choose kernels by rule instead of timing them (cuDNN: benchmark off, "
+                "deterministic algorithms; torch.compile: Inductor's deterministic mode): the same "
+                "latents bit for bit on every run and any number of GPUs. Off, timed choices can "
+                "differ from process to process, and the latents in the last bf16 bit."})
     vae_batch_size: int = field(default=1, metadata={
         "help": "Clips of the same bucket encoded together by the VAE."})
     text_batch_size: int = field(default=16, metadata={

@@ -222,3 +222,55 @@ def test_ranks_encode_whole_batches_of_the_one_rank_order(tmp_path):
     assert written == keys[2:]  # the second VAE batch of two, not every other clip
     build_cache(plan, ranks[0], False, rank=0, world=2, progress=False)
     assert ranks[0].made["text"][0].batches + ranks[1].made["text"][0].batches == one_batches
+
+
+def test_deterministic_vae_kernels_switch_cudnn_and_inductor_and_restore_them():
+    """data.vae_deterministic: cuDNN by rule and Inductor without on-device autotuning (two
+    fresh processes on an H200 gave latents 0.0156 apart with cuDNN alone set); the switches
+    are restored for training and previews."""
+    import torch._inductor.config as inductor
+
+    from wantune.data.cache import vae_kernels
+
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic
+    try:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic = True, False, False
+        with vae_kernels(True):
+            assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic) == (
+                False, True, True)
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic) == (
+            True, False, False)
+        with vae_kernels(False):
+            assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic) == (
+                True, False, False)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic = saved
+
+
+_ENCODE_IN_A_FRESH_PROCESS = """
+import sys, torch
+from wantune.data.cache import vae_kernels
+from wan_model.configs import FLAVOURS
+from wan_model.random_weights import _build, random_fill
+video = (torch.rand(1, 3, 33, 480, 832, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(torch.bfloat16)
+vae = random_fill(_build("vae", FLAVOURS["t2v-1.3B"]), 1, torch.bfloat16, "cuda", keep_on_device=True).eval()
+vae.use_channels_last().fuse_elementwise()
+with vae_kernels(True), torch.no_grad():
+    torch.save(vae.encode(video.cuda()).to(torch.bfloat16).cpu(), sys.argv[1])
+"""
+
+
+@pytest.mark.gpu
+def test_deterministic_vae_kernels_give_the_same_latents_in_every_process(tmp_path):
+    """What a 2-GPU cache relies on to equal a 1-GPU one: two fresh processes (each its own
+    Inductor cache, so each compiles and would autotune) encode bit for bit alike."""
+    import subprocess
+    import sys
+
+    outs = []
+    for n in range(2):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{n}")}
+        subprocess.run([sys.executable, "-c", _ENCODE_IN_A_FRESH_PROCESS, str(tmp_path / f"{n}.pt")],
+                       check=True, env=env)
+        outs.append(torch.load(tmp_path / f"{n}.pt"))
+    assert torch.equal(outs[0], outs[1]), (outs[0].float() - outs[1].float()).abs().max()
