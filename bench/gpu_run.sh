@@ -8,8 +8,8 @@
 #                                          # `multi zero3`, `multi zero3-save zero3-reshard`: its docstring)
 #   bash bench/gpu_run.sh seqpar [args...] # 2 GPUs: sequence parallel vs 1 GPU (14B 720p) and vs DDP (~9 min)
 #   bash bench/gpu_run.sh seqpar-tests     # 2 GPUs: sequence parallel equals one GPU (real sizes, trainer)
-#   bash bench/gpu_run.sh tiers [args...]  # the memory tiers; with 2 GPUs the 1.3B and 14B tiers side by
-#                                          # side (~6 min), then the caching tier (~3 min)
+#   bash bench/gpu_run.sh tiers [args...]  # the memory tiers; with 2 GPUs in two queues side by side
+#                                          # (~8 min): 1.3B tiers, I2V 24G, caching | 14B LoRA 24G and 16G
 # Installs the wheels carried in .whl/ (see the device notes in bench/NOTES.md), then writes logs,
 # results JSON and the BENCHMARKS.md table under $OUT (default bench/out).
 set -uo pipefail
@@ -41,20 +41,25 @@ if [ "$what" = seqpar ]; then  # weights drawn on each GPU: no 28 GB checkpoint 
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ "$what" = tiers ]; then
-  T13='lora-1.3B-81-8G,lora-1.3B-81-12G,lora-1.3B-81-16G' T14='lora-14B-81-24G,i2v-14B-81-24G,lora-14B-81-16G'
-  tier() {  # GPU, cases, name: one bench process, its own results and work folder
-    mkdir -p "$OUT/$3"
+  T13='lora-1.3B-81-8G,lora-1.3B-81-12G,lora-1.3B-81-16G' T14='lora-14B-81-24G,lora-14B-81-16G' I2V=i2v-14B-81-24G
+  tier() {  # GPU, cases, name: one bench process, its own results and work folder (its table
+    mkdir -p "$OUT/$3"  # goes outside $OUT: fewer files to bring back)
     CUDA_VISIBLE_DEVICES=$1 python3 tools/bench.py --weights direct --work-dir "bench/models-$3" --cases "$2" \
-      --max-steps 3 --step-seconds 10 --time-budget 400 --results-dir "$OUT/$3" \
-      --benchmarks-md "$OUT/$3/BENCHMARKS.md" "${@:4}" > "$OUT/$3/bench.log" 2>&1
+      --max-steps 3 --step-seconds 10 --time-budget 480 --results-dir "$OUT/$3" \
+      --benchmarks-md "bench/models-$3/BENCHMARKS.md" "${@:4}" > "$OUT/$3/bench.log" 2>&1
   }
-  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-    tier 0 "$T13" tiers-1.3B "$@" & tier 1 "$T14" tiers-14B "$@" & wait
+  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # two queues of about equal length (~8 min)
+    { tier 0 "$T13,$I2V" tiers-gpu0 "$@"; tier 0 cache-8G cache-8G "$@"; } &
+    { tier 1 "$T14" tiers-gpu1 "$@"
+      if [ -n "${TIER_TESTS:-}" ]; then  # e.g. TIER_TESTS="tests/test_gpu_memory.py -k segments"
+        CUDA_VISIBLE_DEVICES=1 python3 -m pytest -q -s -m gpu $TIER_TESTS > "$OUT/tier_tests.log" 2>&1
+      fi; } &
+    wait
   else
-    tier 0 "$T13,$T14" tiers "$@"
+    tier 0 "$T13,$T14,$I2V" tiers "$@"
+    tier 0 cache-8G cache-8G "$@"
   fi
-  tier 0 cache-8G cache-8G "$@"
-  tail -n 12 "$OUT"/*/bench.log
+  tail -n 12 "$OUT"/*/bench.log "$OUT"/tier_tests.log 2>/dev/null
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 tools/bench.py --results-dir "$OUT/results" --benchmarks-md "$OUT/BENCHMARKS.md" "$@" 2>&1 | tee "$OUT/bench.log"

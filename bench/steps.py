@@ -39,6 +39,7 @@ class StepSettings:
     base_dtype: str = "bf16"  # bf16 | fp8 (LoRA) ; full fine-tuning keeps fp32 master weights
     fp8_matmul: bool = False  # with base_dtype fp8: float8 GEMMs (train.fp8_matmul)
     block_swap: int = 0
+    segments: bool = False  # full checkpointing recomputed a segment at a time (train.checkpoint_segments)
     compile: bool = False
     fused_adamw: bool = True
     lora_rank: int = 32
@@ -54,6 +55,8 @@ class StepSettings:
             parts.append(f"ckpt={self.checkpointing}")
             if self.checkpointing == "selective" and self.selective_blocks >= 0:
                 parts[-1] += f"[{self.selective_blocks}]"
+            if self.segments:
+                parts[-1] += "+segments"
             if self.mode == "lora":
                 parts.append(f"base={self.base_dtype}" + ("+fp8-gemm" if self.fp8_matmul else ""))
             if self.block_swap:
@@ -95,6 +98,7 @@ def to_recipe(s: StepSettings) -> Recipe:
     t.block_swap = s.block_swap
     t.base_dtype = s.base_dtype if s.mode == "lora" else "fp32"
     t.fp8_matmul = s.fp8_matmul
+    t.checkpoint_segments = s.segments
     return r
 
 

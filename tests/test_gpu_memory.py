@@ -2,7 +2,8 @@
 
 The 1.3B block width at 832x480x81 (32,760 tokens) with 8 blocks, built by the trainer's own
 builder through the benchmark's step, for the plans the planner chooses between: compiled and
-eager, selective and full checkpointing, offloaded inputs, fp8 base, block swap. Each must be
+eager, selective and full checkpointing, offloaded inputs, fp8 base, block swap, blocks recomputed
+in segments. Each must be
 predicted within 10% of `torch.cuda.max_memory_allocated` over a step (after a first step that
 compiles and creates the optimizer state).
 """
@@ -26,7 +27,12 @@ CASES = [FAST, with_changes(FAST, checkpointing="offload"), with_changes(FAST, b
          FAST_EAGER, with_changes(FAST_EAGER, checkpointing="full"),
          with_changes(FAST_EAGER, selective_blocks=3),
          with_changes(FAST_EAGER, checkpointing="offload", base_dtype="fp8"),
-         with_changes(FAST_EAGER, checkpointing="offload", block_swap=3)]
+         with_changes(FAST_EAGER, checkpointing="offload", block_swap=3),
+         # blocks recomputed a segment at a time: compiled (the segments run eager inside the
+         # compiled block), eager, and offloaded + swapped with every block recomputed
+         with_changes(FAST, checkpointing="full", segments=True),
+         with_changes(FAST_EAGER, checkpointing="full", segments=True),
+         with_changes(FAST_EAGER, checkpointing="offload", selective_blocks=0, block_swap=3, segments=True)]
 
 
 @pytest.fixture(autouse=True)
