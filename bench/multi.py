@@ -145,7 +145,10 @@ class Bench:
         self.log(f"{name}: exit {run.returncode} after {run.seconds:.0f} s"
                  + (" (stopped as planned)" if run.stopped_early else ""))
         if run.returncode != 0 and not run.stopped_early:
-            raise RuntimeError(f"{name} failed (exit {run.returncode}); end of its log:\n{run.tail()}")
+            tail = run.tail()
+            said = error_line(tail)  # the entry point's own one-line error first, then the log
+            raise RuntimeError(f"{name} failed (exit {run.returncode})" + (f": {said}" if said else "")
+                               + f"; end of its log:\n{tail}")
         return run
 
     def train(self, name: str, procs: int, recipe: str, big: str, out: str, config: Path | None = None,
@@ -345,6 +348,12 @@ def part_zero3(b: Bench) -> dict:
             shutil.rmtree(b.work / "runs" / "zero3-all", ignore_errors=True)
         return {**out, "config": config, "overrides": extra, "what": what, "failed_attempts": attempts}
     raise RuntimeError("every attempt failed: " + " | ".join(f"{a['config']}: {a['error']}" for a in attempts)[-2500:])
+
+
+def error_line(log: str) -> str:
+    """The last `error: ...` line that train.py and the tools print before exiting non-zero."""
+    said = [line[len("error: "):].strip() for line in log.splitlines() if line.startswith("error: ")]
+    return said[-1] if said else ""
 
 
 def why_stopped(log: str) -> str:

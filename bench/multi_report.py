@@ -21,8 +21,8 @@ def _gpus(r: dict) -> str:
 
 
 def _not_ok(what: str, p: dict) -> list[str]:
-    why = " ".join((p.get("error") or p.get("reason", "")).split())  # one table row: no newlines
-    return [what, "", p.get("status", "?").upper(), "", "", "", why[:900]]
+    why = " ".join((p.get("error") or p.get("reason", "")).split())[:900]  # one table row: no newlines
+    return [what, "", p.get("status", "?").upper(), "", "", "", why + (f" ({p['note']})" if p.get("note") else "")]
 
 
 def _train_row(what: str, r: dict, note: str = "") -> list[str]:

@@ -183,3 +183,14 @@ def test_multi_bench_says_why_a_zero3_attempt_stopped():
                                 "sharded over 4 or more such GPUs with DeepSpeed ZeRO-3 (...)")
     assert "out-of-memory" in why_stopped("rank 1 exitcode -9\n  traceback : Signal 9 (SIGKILL) received")
     assert why_stopped("exit 1\nValueError: something else") == ""
+
+
+def test_multi_bench_puts_a_failed_run_s_own_error_first():
+    """A failed part's table row (cut at 900 characters) starts with the entry point's error line,
+    not with a launcher traceback (seen: the ZeRO-3 resume row on 2 H200s was all traceback)."""
+    from wantune.bench.multi import error_line
+
+    log = ("  File \"accelerate/launch.py\", line 3\nerror: training failed: RuntimeError: state_steps is on cpu\n"
+           "train:  67%|##   | 2/3\nE1130 failed (exitcode: 1) local_rank: 0\nTraceback (most recent call last):\n")
+    assert error_line(log) == "training failed: RuntimeError: state_steps is on cpu"
+    assert error_line("Traceback (most recent call last):\nValueError: x") == ""
