@@ -24,7 +24,7 @@ host<->device copies; measured in a second on a GPU): recomputed attention where
 kept, offload traffic, swap traffic not hidden under compute, swapped blocks running uncompiled.
 fp8 base weights round the frozen weights (about 3% per element), so a bf16 plan is preferred
 unless no bf16 plan fits or it is more than `FP8_PREFERENCE` slower. Recomputing in segments is
-chosen only when no plan without it fits (not yet measured on GPUs).
+chosen only when no plan without it fits (it costs a third forward of the attention segments).
 
 Under DeepSpeed ZeRO (`Sharding`), a full fine-tune's weights, gradients and AdamW state per rank
 and the host memory of an offloaded optimizer are DeepSpeed's own estimates
@@ -460,7 +460,8 @@ class Planner:
 
     def _rank(self, e: Estimate) -> tuple:
         fp8 = e.plan.base_dtype == "fp8" and "base_dtype" not in self.fixed
-        # segments are the last resort until measured on GPUs: any plan without them ranks first
+        # segments are the last resort: any plan without them ranks first (measured on an H200:
+        # the 14B at 16 GiB 19.1 s/step with segments, 15.7 s at 24 GiB without)
         last = e.plan.segments and "segments" not in self.fixed
         return (last, e.seconds * (1 + FP8_PREFERENCE if fp8 else 1), e.device)
 
