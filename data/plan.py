@@ -10,7 +10,7 @@ import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .buckets import Bucket, choose_size
@@ -62,6 +62,11 @@ class Plan:
     @property
     def usable_records(self) -> list[ClipRecord]:
         return [r for r in self.records if not r.unusable]
+
+    def with_config(self, config: DataConfig) -> "Plan":
+        """The same corpus under the data settings the stages were planned with (tiling, text
+        encoder device): the cache is built, and records the settings it used, from these."""
+        return replace(self, config=config)
 
 
 def text_hash(text: str) -> str:

@@ -14,7 +14,6 @@ when the recipe or its files are wrong.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = plan_corpus_stages(recipe, plan, state.device,
                              log=print if state.is_main_process else (lambda *a: None)).data
-    plan = dataclasses.replace(plan, config=cfg)  # the cache records the tiling it used
+    plan = plan.with_config(cfg)
     encoders = model_encoders(recipe.model, cfg, i2v, state.device)
     try:
         run = build_cache(plan, encoders, i2v, rank, world, progress=progress,

@@ -5,7 +5,6 @@ compared with the cache manifest, and whatever is new or changed is encoded firs
 """
 from __future__ import annotations
 
-import dataclasses
 
 from pathlib import Path
 
@@ -29,7 +28,7 @@ def prepare_cache(recipe, acc, plan=None) -> tuple[dict, str]:
     cfg, paths = recipe.data, recipe.model
     i2v = conditioning_is_i2v(cfg, paths)
     plan = plan if plan is not None else scan_corpus(recipe, acc)
-    plan = dataclasses.replace(plan, config=cfg)  # with the planned stage settings (tiling)
+    plan = plan.with_config(cfg)
     settings = cache_settings(cfg, model_identity(paths, i2v), i2v)
     try:
         stale = verify_cache(plan, settings)
