@@ -5,7 +5,6 @@ compared with the cache manifest, and whatever is new or changed is encoded firs
 """
 from __future__ import annotations
 
-
 from pathlib import Path
 
 from wantune.data.cache import (build_cache, cache_settings, conditioning_is_i2v, model_encoders,
