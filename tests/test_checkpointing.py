@@ -102,3 +102,24 @@ def test_the_trainer_builds_what_the_recipe_says_and_refuses_segments_without_ch
     assert any("train.checkpoint_segments=true needs activation checkpointing" in p for p in r.problems())
     t.gradient_checkpointing = None  # planned: the planner checkpoints when it segments
     assert not any("checkpoint_segments" in p for p in r.problems())
+
+
+def test_offloaded_inputs_of_the_block_before_come_back_while_a_block_runs_backward():
+    """Backward needs the blocks' offloaded inputs in reverse order: the first unpack of a block's
+    inputs starts copying back those of the block entered before it, each its own values (the
+    CPU path of the same code: plain copies, no streams)."""
+    from wan_model import checkpointing
+
+    xs = [torch.randn(4, 3) for _ in range(3)]
+    groups = []
+    for x in xs:  # the forward: one group per block call, each chained to the one before
+        g = checkpointing._Group()
+        groups.append((g, g.add(torch.device("cpu"), x.clone(), None)))
+    assert not any(g.started for g, _ in groups)
+    g2, i2 = groups[2]
+    assert torch.equal(g2.take(i2), xs[2])
+    assert groups[1][0].started and not groups[0][0].started  # the next one backward, only
+    g1, i1 = groups[1]
+    assert torch.equal(g1.take(i1), xs[1]) and groups[0][0].started
+    assert torch.equal(groups[0][0].take(groups[0][1]), xs[0])
+    assert torch.equal(g1.take(i1), xs[1])  # taken twice (a graph kept for a second backward)

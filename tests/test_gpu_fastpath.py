@@ -78,6 +78,7 @@ def plain():
 @pytest.mark.parametrize("settings", [
     FAST, FAST_EAGER, with_changes(FAST_EAGER, checkpointing="full"),
     with_changes(FAST_EAGER, checkpointing="offload"), with_changes(FAST_EAGER, block_swap=2),
+    with_changes(FAST, block_swap=2), with_changes(FAST, checkpointing="offload", block_swap=2),
     with_changes(FAST_EAGER, attention="flash")], ids=lambda s: s.label())
 def test_fast_path_matches_plain(plain, settings):
     rel_loss, rel_grad, cos = compare(loss_and_grads(settings), plain)

@@ -28,6 +28,7 @@ CASES = [FAST, with_changes(FAST, checkpointing="offload"), with_changes(FAST, b
          with_changes(FAST_EAGER, selective_blocks=3),
          with_changes(FAST_EAGER, checkpointing="offload", base_dtype="fp8"),
          with_changes(FAST_EAGER, checkpointing="offload", block_swap=3),
+         with_changes(FAST, checkpointing="offload", block_swap=3),  # swapped blocks compiled
          # blocks recomputed a segment at a time: compiled (the segments run eager inside the
          # compiled block), eager, and offloaded + swapped with every block recomputed
          with_changes(FAST, checkpointing="full", segments=True),

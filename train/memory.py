@@ -21,7 +21,8 @@ checkpoints, the host copy a swapped model is loaded through) is under the host'
 
 How plans are ranked: a step-time model from FLOPs and the device's rates (matmul, attention,
 host<->device copies; measured in a second on a GPU): recomputed attention where no output is
-kept, offload traffic, swap traffic not hidden under compute, swapped blocks running uncompiled.
+kept, offload traffic, swap traffic not hidden under compute, blocks recomputed in segments
+running uncompiled.
 fp8 base weights round the frozen weights (about 3% per element), so a bf16 plan is preferred
 unless no bf16 plan fits or it is more than `FP8_PREFERENCE` slower. Recomputing in segments is
 chosen only when no plan without it fits (it costs a third forward of the attention segments).
@@ -61,13 +62,14 @@ HOST_RESERVE_GIB = 4.0  # host RAM left to the process itself (libraries, data l
 FP8_PREFERENCE = 0.05  # an fp8 plan must be this much faster than the best bf16 one to win
 # cuDNN's attention backward keeps float32 accumulators beside the tensors the trace sees: about
 # this many float32 copies of the [tokens, dim] activation (measured on an H200, 1.3B width);
-# eager blocks (and swapped ones, which run eager) about half as many (fit to the H200 runs of
-# 2026-11-30: eager 1.3B cases +4..5% and swapped ones +12..15% with the compiled figure).
+# eager blocks about half as many (fit to the H200 runs of 2026-11-30, when swapped blocks ran
+# eager: eager 1.3B cases +4..5% and swapped ones +12..15% with the compiled figure).
 ATTENTION_WORKSPACE = 4.5
 ATTENTION_WORKSPACE_EAGER = 2.25
-# An offloaded checkpoint goes to the host on a side stream, under compute; the copy back in the
-# backward pass waits on the compute stream, at about this fraction of the measured copy rate.
-OFFLOAD_EFFICIENCY = 0.8
+# An offloaded checkpoint goes to the host on a side stream, under compute, and comes back on it
+# under the backward of the block after it (wan_model/checkpointing.py): what the copies cost is
+# the part a block's backward does not hide, plus this fraction of the copy for the stream waits.
+OFFLOAD_RESIDUAL = 0.05
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "paged_adamw": 8.0, "adamw8bit": 2.0, "paged_adamw8bit": 2.0,
                          "adafactor": 0.0, "prodigy": 16.0}
 
@@ -299,9 +301,8 @@ class Planner:
         # none; the per-tensor updates elsewhere about two of the largest parameter)
         step_temp = 2 * st["largest_trained"]
         trace, counts = self.trace(plan, exact)
-        # Swapped blocks and blocks recomputed in segments run uncompiled: the eager transient.
-        compiled = (self.compiled and self.device.type == "cuda" and not plan.block_swap
-                    and not plan.segmented(self.n))
+        # Blocks recomputed in segments run uncompiled: the eager transient.
+        compiled = self.compiled and self.device.type == "cuda" and not plan.segmented(self.n)
         scale = COMPILED_TRANSIENT if compiled else 1.0
         # under ZeRO the gradients go into its buckets as they are made: none stays with its block
         kept = replace(trace, grads=[0] * len(trace.grads)) if self.sharding.stage else trace
@@ -310,6 +311,9 @@ class Planner:
             L = tokens_of(self.cfg, self.setup.latent_grid) * self.setup.batch
             workspace = ATTENTION_WORKSPACE if compiled else ATTENTION_WORKSPACE_EAGER
             activations += int(workspace * L * self.cfg.dim * 4)
+            # offloaded inputs come back one block early (copied under the backward of the
+            # block after them): one block's inputs more, beside what the trace holds
+            activations += max((h for c, h in zip(counts, trace.host_saved) if c), default=0)
         optim_step = st["trained"] + step_temp
         optim_host = 0
         if self.sharding.stage:
@@ -379,18 +383,16 @@ class Planner:
             if plan.checkpointing:
                 t += linear / r.matmul + (attn - (self_attn if i < plan.keep_attention else 0)) / r.attention
                 if i < plan.offload:
-                    t += x_bytes / (r.copy * OFFLOAD_EFFICIENCY)
+                    t += max(0.0, x_bytes / r.copy - bwd) + OFFLOAD_RESIDUAL * x_bytes / r.copy
             segmented = i >= self.n - plan.segmented(self.n)  # the blocks keeping no attention
             if segmented:  # the attention segments recomputed once more (torch keeps the FFN
                 # segment's activations from the block's recompute: its backward comes first)
                 t += fwd - 2 * L * 2 * d * f / r.matmul
             swapped = i >= self.n - plan.block_swap
-            if swapped:  # fetched before the forward and again before the recompute
+            if swapped:  # fetched before the forward and again for the backward
                 passes = 2 if plan.checkpointing else 1
                 t += passes * max(0.0, st["block_frozen"][i] / r.copy - fwd) + 0.02 * st["block_frozen"][i] / r.copy
-            if self.compiled and not swapped and not segmented:
-                t *= 1.0
-            elif self.device.type == "cuda":
+            if self.device.type == "cuda" and not (self.compiled and not segmented):
                 t *= 1 + r.eager_overhead
             if plan.base_dtype == "fp8":
                 t += 0.02 * linear / r.matmul * (3 if plan.checkpointing else 2)

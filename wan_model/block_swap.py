@@ -17,6 +17,13 @@ Prefetch order follows the pass: forward runs blocks 0..L-1, the checkpointed ba
 L-1..0, so while block i runs the next swapped block in the current direction is copied. The
 swapped blocks are the last N, so the turn from forward to backward reuses the copy of block L-1.
 
+Compiled blocks: the Wan DiT calls each block through `BlockSwap.running` (outside the compiled
+region), which installs the weights for the call and hands the model a saved-tensor packer: a
+compiled block's activation checkpoint is inside its graph, so the graph saves the weights it
+needs for its backward, and the packer keeps them as a reference to the block, fetched again when
+the backward unpacks them. The wrappers below then stand aside (they are traced through), so a
+swapped block runs compiled, with its weights fetched twice per step (forward, backward).
+
 On a CPU device the same code path runs with plain copies and no streams (tests use it).
 
 The umT5 text encoder streams all its blocks the same way (forward only, `host_modules` keeps
@@ -120,6 +127,9 @@ class BlockSwap:
         self.installed: set[int] = set()
         self.last: int | None = None
         self.fetches = 0  # host->device copies of a whole block, for tests and the benchmark
+        self.outer: int | None = None  # the block a caller runs through `running` right now
+        self.calls = 0  # calls through `running`: what a saved weight belongs to
+        self.saved: tuple | None = None  # (call, device copies) whose backward is unpacking
         self._warned = False
         self.handles = []
         self.wrapped: dict[int, tuple[nn.Module, list[str]]] = {}
@@ -237,11 +247,15 @@ class BlockSwap:
     def _make_pre_hook(self, i: int):
         @torch._dynamo.disable
         def pre_hook(module, args):
+            if self.outer == i:  # `running` has done it
+                return
             with _disable_current_modes():
                 self._before_block(i)
         return pre_hook
 
-    def _before_block(self, i: int) -> None:
+    def _before_block(self, i: int, install: bool = True) -> list[torch.Tensor] | None:
+        """Block i is about to run (or, `install` off, its backward to unpack its weights):
+        its copies acquired (and installed), the next swapped block's prefetch started."""
         if (torch.is_grad_enabled() and not getattr(self.model, "gradient_checkpointing", False)
                 and not self._warned):
             self._warned = True
@@ -251,9 +265,12 @@ class BlockSwap:
         for k in list(self.installed):  # normally none: each call restores its own on exit
             if k != i:
                 self._restore_host(k)
+        tensors = None
         if i in self.entries:
-            self._install(i, self._acquire(i))
-            self.installed.add(i)
+            tensors = self._acquire(i)
+            if install:
+                self._install(i, tensors)
+                self.installed.add(i)
         nxt = self._next_swapped(i)
         keep = {i, nxt}
         for k in list(self.ready):
@@ -261,11 +278,12 @@ class BlockSwap:
                 del self.ready[k]  # autograd still holds what it saved
         if nxt is not None and self.prefetch_enabled:
             self._fetch(nxt)
+        return tensors
 
     def _wrap(self, i: int, inner, segment: bool = False):
-        """Weights in, run, host copies back in the module (autograd keeps what it saved).
-        Runs eagerly under torch.compile: a swapped block's time is the transfer's anyway.
-        A `segment` of block i runs as it is inside the block's wrapped forward (the weights are
+        """Weights in, run, host copies back in the module (autograd keeps what it saved):
+        for a model calling its blocks itself (the text encoder) and for the recompute in
+        backward of an eager checkpoint. A `segment` of block i runs as it is inside the block's wrapped forward (the weights are
         installed); recomputed alone in backward, it installs the copies the block fetched (kept
         until the next block starts) and puts the host copies back after."""
         def enter():
@@ -276,9 +294,7 @@ class BlockSwap:
                 self.installed.add(i)
 
         @torch._dynamo.disable
-        def swapped(*args, **kwargs):
-            if segment and i in self.installed:
-                return inner(*args, **kwargs)
+        def fetching(*args, **kwargs):
             with _disable_current_modes():
                 enter()
             try:
@@ -286,8 +302,59 @@ class BlockSwap:
             finally:
                 with _disable_current_modes():
                     self._restore_host(i)
+
+        def swapped(*args, **kwargs):
+            # Traced through in a compiled block (`running` installed the weights around it);
+            # eagerly, a pass-through while the weights are installed (the segments of a block
+            # running, or a block called through `running`), otherwise it fetches them (the
+            # recompute in backward).
+            if torch.compiler.is_compiling() or i in self.installed:
+                return inner(*args, **kwargs)
+            return fetching(*args, **kwargs)
         swapped.__wrapped__ = inner
         return swapped
+
+    # -- called from the model -------------------------------------------------------------
+    @contextlib.contextmanager
+    def running(self, i: int):
+        """Around the model's call of block i, outside any compiled region: the prefetch moves on,
+        a swapped block gets its weights installed for the call and its host copies back after.
+        Yields, for a swapped block, a saved-tensor packer (`checkpointing.HostOffload(keep=)`)
+        that keeps what autograd saves of those weights as a reference to this call; its backward
+        fetches them again (or takes the prefetched copy). Else None."""
+        with _disable_current_modes():
+            tensors = self._before_block(i)
+        self.outer = i
+        try:
+            yield None if tensors is None else self._packer(i, tensors)
+        finally:
+            self.outer = None
+            if i in self.entries:
+                with _disable_current_modes():
+                    self._restore_host(i)
+
+    def _packer(self, i: int, tensors: list[torch.Tensor]):
+        keys = {t.untyped_storage()._cdata: j for j, t in enumerate(tensors)}
+        self.calls += 1
+        call = self.calls
+
+        def pack(t: torch.Tensor):
+            j = keys.get(t.untyped_storage()._cdata)
+            if j is None:
+                return None
+            return self._unpack, (call, i, j, t.size(), t.stride(), t.storage_offset())
+        return pack
+
+    def _unpack(self, saved) -> torch.Tensor:
+        call, i, j, size, stride, offset = saved
+        if self.saved is None or self.saved[0] != call:  # the first weight of this block's backward
+            self.saved = None
+            with _disable_current_modes():
+                self.saved = (call, self._before_block(i, install=False))
+        base = self.saved[1][j]
+        if base.size() == size and base.stride() == stride and base.storage_offset() == offset:
+            return base
+        return base.as_strided(size, stride, offset)
 
     # -- public ----------------------------------------------------------------------------
     def release(self) -> None:
@@ -295,6 +362,7 @@ class BlockSwap:
         for k in list(self.installed):
             self._restore_host(k)
         self.ready.clear()
+        self.saved = None
         self.last = None
 
     def remove(self) -> None:
@@ -314,6 +382,8 @@ class BlockSwap:
                 else:
                     e.module._buffers[e.name] = t
         self.entries.clear()
+        if getattr(self.model, "block_swap", None) is self:
+            del self.model.block_swap
 
     def host_bytes(self) -> int:
         """Host memory the swapped weights hold (pinned on CUDA), buffers' unused tails included."""

@@ -11,9 +11,13 @@ block call, outside the compiled region (torch.compile cannot trace a saved-tens
 a context inside the block made every offloaded block run uncompiled), and it moves only the
 block's own inputs: a compiled block also saves its weights and the kept attention outputs, which
 stay where they are. The device-to-host copy runs on a side stream, under the next block's
-compute; the copy back waits for it in the backward pass.
+compute. In the backward pass the first unpack of a block's inputs also starts copying back the
+inputs of the block before it (the next one backward needs) on the side stream, so each copy
+back runs under a block's backward: one block's inputs more on the device, no wait.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -88,14 +92,72 @@ def _real_cuda(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and not is_fake(t)
 
 
-def _pack(keys: set, t: torch.Tensor):
+class _Group:
+    """The tensors one HostOffload context moved to the host (one block call), linked to the
+    group entered before it, whose inputs the backward pass needs next."""
+
+    last = None  # weakref to the group entered last
+
+    def __init__(self):
+        prev = _Group.last() if _Group.last is not None else None
+        self.prev = weakref.ref(prev) if prev is not None else None
+        _Group.last = weakref.ref(self)
+        self.items: list[list] = []  # [device, host, D2H done, device copy, H2D done]
+        self.started = False
+
+    def add(self, device, host, done) -> int:
+        self.items.append([device, host, done, None, None])
+        return len(self.items) - 1
+
+    def start(self) -> None:
+        """Copy every item back to the device on the side stream (CUDA; on CPU, plainly)."""
+        if self.started:
+            return
+        self.started = True
+        for item in self.items:
+            device, host, done = item[:3]
+            if done is None:
+                item[3] = torch.empty_strided(host.size(), host.stride(), dtype=host.dtype,
+                                              device=device).copy_(host)
+                continue
+            side = _side_stream(device)
+            with torch.cuda.stream(side):
+                # allocated on the side stream: memory the compute stream freed may still be
+                # read by its queued kernels, and only that stream may reuse it at once
+                side.wait_event(done)
+                out = torch.empty_strided(host.size(), host.stride(), dtype=host.dtype, device=device)
+                out.copy_(host, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(side)
+            item[3], item[4] = out, ready
+
+    def take(self, index: int) -> torch.Tensor:
+        self.start()
+        device, host, done, out, ready = self.items[index]
+        if out is None:  # unpacked before (a graph kept for a second backward): copy again
+            if done is not None:
+                torch.cuda.current_stream(device).wait_event(done)
+            out = torch.empty_strided(host.size(), host.stride(), dtype=host.dtype, device=device)
+            return out.copy_(host, non_blocking=done is not None)
+        if ready is not None:
+            current = torch.cuda.current_stream(device)
+            current.wait_event(ready)
+            out.record_stream(current)  # made on the side stream, used (and freed) on this one
+        self.items[index][3] = None  # autograd holds it now
+        prev = self.prev() if self.prev is not None else None
+        if prev is not None:  # the inputs of the block before, needed next in backward
+            prev.start()
+        return out
+
+
+def _pack(group: _Group, keys: set, t: torch.Tensor):
     if t.device.type == "cpu" or _key(t) not in keys or not _dense(t):
-        return None, t, None
+        return None, t
     # the copies keep the strides: a compiled backward checks them
     if not _real_cuda(t):  # the planner's fake tensors: the same bytes, moved plainly
         host = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="cpu")
         host.copy_(t)
-        return t.device, host, None
+        return group, group.add(t.device, host, None)
     host = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, pin_memory=True)
     side = _side_stream(t.device)
     side.wait_stream(torch.cuda.current_stream(t.device))
@@ -104,22 +166,27 @@ def _pack(keys: set, t: torch.Tensor):
     t.record_stream(side)  # its memory is reused only once the copy has read it
     done = torch.cuda.Event()
     done.record(side)
-    return t.device, host, done
+    return group, group.add(t.device, host, done)
 
 
 def _unpack(packed):
-    device, t, done = packed
-    if device is None:
-        return t
-    if done is not None:
-        torch.cuda.current_stream(device).wait_event(done)
-    out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device)
-    return out.copy_(t, non_blocking=done is not None)
+    group, what = packed
+    return what if group is None else group.take(what)
 
 
 class HostOffload(torch.autograd.graph.saved_tensors_hooks):
-    """Within it, what autograd saves of `tensors` (a block's inputs) lives in host memory."""
+    """Within it, what autograd saves of `tensors` (a block's inputs) lives in host memory.
+    `keep(t)`, if given, sees every saved tensor first and may claim it, returning (unpack
+    function, payload): block swap keeps a swapped block's weights as references (one context
+    for both: saved-tensor hooks do not nest)."""
 
-    def __init__(self, *tensors):
+    def __init__(self, *tensors, keep=None):
         keys = {_key(t) for t in tensors if isinstance(t, torch.Tensor) and t.device.type != "cpu"}
-        super().__init__(lambda t: _pack(keys, t), _unpack)
+        group = _Group() if keys else None
+
+        def pack(t):
+            kept = keep(t) if keep is not None else None
+            if kept is not None:
+                return kept
+            return _unpack, (_pack(group, keys, t) if group is not None else (None, t))
+        super().__init__(pack, lambda packed: packed[0](packed[1]))

@@ -279,6 +279,13 @@ class WanModel(nn.Module):
         return self.offload_blocks < 0 or index < self.offload_blocks
 
     def _run_block(self, index, block, x, e0, context, rope, dtype):
+        swap = getattr(self, "block_swap", None)  # wan_model/block_swap.py
+        if swap is None:
+            return self._call_block(index, block, x, e0, context, rope, dtype, None)
+        with swap.running(index) as keep:  # outside the compiled block, so that it stays compiled
+            return self._call_block(index, block, x, e0, context, rope, dtype, keep)
+
+    def _call_block(self, index, block, x, e0, context, rope, dtype, keep):
         if not (self.gradient_checkpointing and torch.is_grad_enabled()):
             return block(x, e0, context, rope, dtype)
         mode = self.checkpoint_mode
@@ -286,10 +293,12 @@ class WanModel(nn.Module):
             mode = "full"  # memory is tight: the later blocks recompute their attention
         if mode == "full" and self.segmented(index):
             mode = "segments"  # tighter still: the recompute in backward too, a segment at a time
-        if not self.offloads(index):
+        offload = self.offloads(index)
+        if not offload and keep is None:
             return block(x, e0, context, rope, dtype, mode)
         rope_parts = rope if isinstance(rope, (tuple, list)) else (rope,)
-        with checkpointing.HostOffload(x, e0, context, *rope_parts):  # outside the compiled block
+        inputs = (x, e0, context, *rope_parts) if offload else ()
+        with checkpointing.HostOffload(*inputs, keep=keep):  # outside the compiled block
             return block(x, e0, context, rope, dtype, mode)
 
     def compile_blocks(self, **kwargs) -> None:
