@@ -85,7 +85,7 @@ def all_cases() -> list[Case]:
         Case("cache-stage", "cache", "caching stage: 40 clips, decode + T5 + VAE, 832x480x81",
              reference="vae-diffusers", estimate_s=200),
         Case("cache-8G", "cache", "caching stage under an 8 GiB cap: T5 streamed block by block, "
-             "VAE tiled, 40 clips 832x480x81", cap_gib=8.0,
+             "VAE tiled, 20 clips 832x480x81", cap_gib=8.0, clips=20,
              data=("data.text_encoder_device=stream", "data.low_memory=true"),
              reference="vae-diffusers", estimate_s=200),
         Case("train-previews", "previews", "1.3B LoRA training, previews 832x480x33 30 steps CFG",

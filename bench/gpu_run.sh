@@ -9,7 +9,7 @@
 #   bash bench/gpu_run.sh seqpar [args...] # 2 GPUs: sequence parallel vs 1 GPU (14B 720p) and vs DDP (~9 min)
 #   bash bench/gpu_run.sh seqpar-tests     # 2 GPUs: sequence parallel equals one GPU (real sizes, trainer)
 #   bash bench/gpu_run.sh tiers [args...]  # the memory tiers; with 2 GPUs in two queues side by side
-#                                          # (~8 min): 1.3B tiers, I2V 24G, caching | 14B LoRA 24G and 16G
+#                                          # (~8 min): 1.3B tiers, I2V 24G | 14B LoRA 24G and 16G, caching
 # Installs the wheels carried in .whl/ (see the device notes in bench/NOTES.md), then writes logs,
 # results JSON and the BENCHMARKS.md table under $OUT (default bench/out).
 set -uo pipefail
@@ -49,11 +49,11 @@ if [ "$what" = tiers ]; then
       --benchmarks-md "bench/models-$3/BENCHMARKS.md" "${@:4}" > "$OUT/$3/bench.log" 2>&1
   }
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # two queues of about equal length (~8 min)
-    { tier 0 "$T13,$I2V" tiers-gpu0 "$@"; tier 0 cache-8G cache-8G "$@"; } &
-    { tier 1 "$T14" tiers-gpu1 "$@"
+    { tier 0 "$T13,$I2V" tiers-gpu0 "$@"
       if [ -n "${TIER_TESTS:-}" ]; then  # e.g. TIER_TESTS="tests/test_gpu_memory.py -k segments"
-        CUDA_VISIBLE_DEVICES=1 python3 -m pytest -q -s -m gpu $TIER_TESTS > "$OUT/tier_tests.log" 2>&1
+        CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu $TIER_TESTS > "$OUT/tier_tests.log" 2>&1
       fi; } &
+    { tier 1 "$T14" tiers-gpu1 "$@"; tier 1 cache-8G cache-8G "$@"; } &
     wait
   else
     tier 0 "$T13,$T14,$I2V" tiers "$@"

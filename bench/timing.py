@@ -109,11 +109,17 @@ def peak_memory(device: torch.device) -> dict:
             "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
 
 
+# The allocator's peak reserved was seen up to 6 MiB over its fraction limit (2026-11-30, H200,
+# plans that fill the cap), so a case capped at N GiB runs under N GiB less this much.
+CAP_HEADROOM = 64 * 2**20
+
+
 def set_memory_cap(device: torch.device, gib: float | None) -> float | None:
-    """Cap this process's CUDA allocator at `gib` (None: lift the cap). Returns the fraction."""
+    """Cap this process's CUDA allocator at `gib` less CAP_HEADROOM (None: lift the cap).
+    Returns the fraction."""
     if device.type != "cuda":
         return None
     total = torch.cuda.get_device_properties(device).total_memory
-    frac = 1.0 if gib is None else min(1.0, gib * 2**30 / total)
+    frac = 1.0 if gib is None else min(1.0, (gib * 2**30 - CAP_HEADROOM) / total)
     torch.cuda.set_per_process_memory_fraction(frac, device)
     return frac
