@@ -28,6 +28,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from wan_model.checkpointing import storage_key
+
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of the tensor storages created while active and still alive, per device type.
@@ -47,7 +49,7 @@ class LiveBytes(TorchDispatchMode):
     def ignore(self, tensors) -> None:
         for t in tensors:
             if isinstance(t, torch.Tensor):
-                self.ignored.add(t.untyped_storage()._cdata)
+                self.ignored.add(storage_key(t))
 
     def _track(self, t: torch.Tensor) -> None:
         st = t.untyped_storage()
@@ -74,10 +76,10 @@ class LiveBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         # An output sharing an input's storage (a view, an in-place update such as an
         # optimizer's) allocated nothing: only storages no input holds are new.
-        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0]
+        inputs = {storage_key(t) for t in tree_flatten((args, kwargs))[0]
                   if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
+            if isinstance(t, torch.Tensor) and storage_key(t) not in inputs:
                 self._track(t)
         return out
 
@@ -237,7 +239,7 @@ def trace_step(cfg, setup: StepSetup, kinds: list[BlockKind], device) -> StepTra
 
     def mark(k, x):
         # block k owns its input (a checkpoint keeps it, or offloads it), not its output
-        x_key = x.untyped_storage()._cdata
+        x_key = storage_key(x)
         marks[k] = (acct.now(dev), acct.now("cpu"), set(acct.live), x_key)
         if k > 0:
             b_dev, b_cpu, b_live, b_key = marks[k - 1]

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checkpointing import storage_key
+
 try:  # the hooks' copies must stay invisible to selective checkpointing's dispatch modes, which
     # require the recompute to replay exactly the forward's ops (a cached copy would not)
     from torch.utils._python_dispatch import _disable_current_modes
@@ -283,9 +285,10 @@ class BlockSwap:
     def _wrap(self, i: int, inner, segment: bool = False):
         """Weights in, run, host copies back in the module (autograd keeps what it saved):
         for a model calling its blocks itself (the text encoder) and for the recompute in
-        backward of an eager checkpoint. A `segment` of block i runs as it is inside the block's wrapped forward (the weights are
-        installed); recomputed alone in backward, it installs the copies the block fetched (kept
-        until the next block starts) and puts the host copies back after."""
+        backward of an eager checkpoint. A `segment` of block i runs as it is inside the block's
+        wrapped forward (the weights are installed); recomputed alone in backward, it installs
+        the copies the block fetched (kept until the next block starts) and puts the host copies
+        back after."""
         def enter():
             if not segment:
                 self._before_block(i)
@@ -334,12 +337,12 @@ class BlockSwap:
                     self._restore_host(i)
 
     def _packer(self, i: int, tensors: list[torch.Tensor]):
-        keys = {t.untyped_storage()._cdata: j for j, t in enumerate(tensors)}
+        keys = {storage_key(t): j for j, t in enumerate(tensors)}
         self.calls += 1
         call = self.calls
 
         def pack(t: torch.Tensor):
-            j = keys.get(t.untyped_storage()._cdata)
+            j = keys.get(storage_key(t))
             if j is None:
                 return None
             return self._unpack, (call, i, j, t.size(), t.stride(), t.storage_offset())
@@ -348,7 +351,6 @@ class BlockSwap:
     def _unpack(self, saved) -> torch.Tensor:
         call, i, j, size, stride, offset = saved
         if self.saved is None or self.saved[0] != call:  # the first weight of this block's backward
-            self.saved = None
             with _disable_current_modes():
                 self.saved = (call, self._before_block(i, install=False))
         base = self.saved[1][j]

@@ -62,9 +62,14 @@ def run(fn, *args, mode: str = "full"):
     return checkpoint(fn, *args, use_reentrant=False, **kw)
 
 
-def _key(t: torch.Tensor) -> int:
+def storage_key(t: torch.Tensor) -> int:
     """The identity of the storage under `t` (views share it); fake tensors have one too."""
     return t.untyped_storage()._cdata
+
+
+def _empty_as(t: torch.Tensor, **kw) -> torch.Tensor:
+    """An uninitialised tensor of t's size, strides and dtype (a compiled backward checks them)."""
+    return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, **kw)
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -117,16 +122,14 @@ class _Group:
         for item in self.items:
             device, host, done = item[:3]
             if done is None:
-                item[3] = torch.empty_strided(host.size(), host.stride(), dtype=host.dtype,
-                                              device=device).copy_(host)
+                item[3] = _empty_as(host, device=device).copy_(host)
                 continue
             side = _side_stream(device)
             with torch.cuda.stream(side):
                 # allocated on the side stream: memory the compute stream freed may still be
                 # read by its queued kernels, and only that stream may reuse it at once
                 side.wait_event(done)
-                out = torch.empty_strided(host.size(), host.stride(), dtype=host.dtype, device=device)
-                out.copy_(host, non_blocking=True)
+                out = _empty_as(host, device=device).copy_(host, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record(side)
             item[3], item[4] = out, ready
@@ -137,8 +140,7 @@ class _Group:
         if out is None:  # unpacked before (a graph kept for a second backward): copy again
             if done is not None:
                 torch.cuda.current_stream(device).wait_event(done)
-            out = torch.empty_strided(host.size(), host.stride(), dtype=host.dtype, device=device)
-            return out.copy_(host, non_blocking=done is not None)
+            return _empty_as(host, device=device).copy_(host, non_blocking=done is not None)
         if ready is not None:
             current = torch.cuda.current_stream(device)
             current.wait_event(ready)
@@ -151,14 +153,12 @@ class _Group:
 
 
 def _pack(group: _Group, keys: set, t: torch.Tensor):
-    if t.device.type == "cpu" or _key(t) not in keys or not _dense(t):
+    if t.device.type == "cpu" or storage_key(t) not in keys or not _dense(t):
         return None, t
-    # the copies keep the strides: a compiled backward checks them
     if not _real_cuda(t):  # the planner's fake tensors: the same bytes, moved plainly
-        host = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="cpu")
-        host.copy_(t)
+        host = _empty_as(t, device="cpu").copy_(t)
         return group, group.add(t.device, host, None)
-    host = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, pin_memory=True)
+    host = _empty_as(t, pin_memory=True)
     side = _side_stream(t.device)
     side.wait_stream(torch.cuda.current_stream(t.device))
     with torch.cuda.stream(side):
@@ -181,7 +181,7 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
     for both: saved-tensor hooks do not nest)."""
 
     def __init__(self, *tensors, keep=None):
-        keys = {_key(t) for t in tensors if isinstance(t, torch.Tensor) and t.device.type != "cpu"}
+        keys = {storage_key(t) for t in tensors if isinstance(t, torch.Tensor) and t.device.type != "cpu"}
         group = _Group() if keys else None
 
         def pack(t):
