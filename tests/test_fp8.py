@@ -217,6 +217,55 @@ def test_fp8_matmul_model_close_to_upcast_and_saves_only_float8_weights():
     assert sorted(str(s.dtype) for s in saved) == sorted([str(FP8_DTYPE), "torch.float32"]), [(s.dtype, s.shape) for s in saved]
 
 
+def test_fp8_matmul_compiles_with_its_quantisation_in_the_graph():
+    """A compiled block sees through the float8 GEMM: the per-token quantisation of the input is
+    in the same graph as the norm that produces it (so Inductor can fuse them; an opaque op here
+    cost a separate pass over every input), the same for the output gradient in backward, and
+    backward keeps no float8 or bf16 copy of the activations for the GEMM."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def record(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind] = gm
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    torch.manual_seed(0)
+    lin = FP8Linear.from_linear(nn.Linear(64, 32).requires_grad_(False), fp8_matmul=True)
+    norm = nn.LayerNorm(64, elementwise_affine=False)
+
+    def block(x):
+        return lin(norm(x) * 2.0)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True,
+                             backend=aot_autograd(fw_compiler=record("fw"), bw_compiler=record("bw")))
+    x = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
+    out = compiled(x)
+    out.float().square().sum().backward()
+    ref_x = x.detach().requires_grad_(True)
+    ref = block(ref_x)
+    ref.float().square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=0, atol=0)
+
+    def ops(kind):
+        return [str(n.target) for n in graphs[kind].graph.nodes if n.op == "call_function"]
+
+    for kind, first in (("fw", "aten.native_layer_norm.default"), ("bw", "aten.amax.default")):
+        names = ops(kind)
+        assert "aten._scaled_mm.default" in names and "aten.amax.default" in names, (kind, names)
+        assert not [n for n in names if "wantune" in n], (kind, names)
+        assert names.index(first) < names.index("aten._scaled_mm.default"), (kind, names)
+    saved = [n.meta["val"] for n in graphs["bw"].graph.nodes if n.op == "placeholder"
+             and isinstance(n.meta.get("val"), torch.Tensor)]
+    fp8_saved = [tuple(t.shape) for t in saved if t.dtype == FP8_DTYPE]
+    assert fp8_saved == [(32, 64)], fp8_saved  # the weight; no quantised input
+
+
 def test_trainer_builds_fp8_matmul_only_on_an_fp8_lora_base():
     """train.fp8_matmul reaches every quantised Linear through the trainer's own builder, and a
     recipe that asks for it without an fp8 LoRA base is refused with the fix."""
