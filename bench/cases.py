@@ -36,6 +36,7 @@ class Case:
     preview: tuple = (832, 480, 33, 30)  # previews: width, height, frames, sampling steps
     fused_vae: bool = True  # vae-ours: norm+SiLU compiled (as data/cache.py runs it on a GPU)
     vae_chunk: int = 1  # vae-ours: latent frames per causal chunk (WanVAE.set_chunks)
+    fp8_matmul: bool = False  # sample-ours: block Linears as float8 weights and float8 GEMMs
     estimate_s: float = 30.0  # rough H100 cost incl. model setup, for --time-budget
     default: bool = True
     processes: int = 1  # ours on several GPUs of the host (bench/distributed.py): DDP over them...
@@ -94,6 +95,9 @@ def all_cases() -> list[Case]:
              estimate_s=15),
         Case("sample-ours", "sample-ours", "our sampler, 1.3B, 832x480x81, UniPC + CFG 5",
              reference="sample-diffusers", estimate_s=20),
+        Case("sample-ours-fp8", "sample-ours", "our sampler, 1.3B, 832x480x81, UniPC + CFG 5, float8 "
+             "weights and GEMMs in the blocks", reference="sample-diffusers-cudnn", fp8_matmul=True,
+             estimate_s=20, default=False),
         Case("sample-diffusers-cudnn", "sample-diffusers", "diffusers WanPipeline, 1.3B, 832x480x81, "
              "UniPC + CFG 5, cuDNN attention first", ref_attention="cudnn", estimate_s=20, default=False),
         Case("sample-diffusers", "sample-diffusers", "diffusers WanPipeline, 1.3B, 832x480x81, UniPC + CFG 5",

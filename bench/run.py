@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from wantune.bench.cases import TINY_SIZE, Case
+from wantune.bench.profiling import profile_call
 from wan_model.flops import forward_flops, sampling_flops, step_flops
 from wantune.bench.steps import StepSettings, build_step, make_batch, set_attention
 from wantune.bench.timing import matmul_rate, peak_memory, reset_memory, set_memory_cap, sync, time_call, time_steps
@@ -25,7 +26,7 @@ class Options:
     max_steps: int
     step_seconds: float  # timed seconds aimed at per case
     sample_steps: int
-    profile: bool = False  # write a torch.profiler table per VAE case
+    profile: bool = False  # write a torch.profiler table per VAE and training case (GPU)
     results_dir: Path | None = None
     log: callable = print
 
@@ -145,6 +146,8 @@ def run_ours(case: Case, opts: Options, settings: StepSettings, budget_s: float)
     timing = time_steps(step, opts.device, warmup=2 if s.compile else 1, max_steps=opts.max_steps,
                         max_seconds=min(opts.step_seconds, budget_s))
     mem = peak_memory(opts.device)
+    kinds = profile_call(step, opts.device, case.name, opts.results_dir, opts.log,
+                         grad=True) if opts.profile else None
     fwd = forward_flops(cfg, w, h, f, lora_rank=s.lora_rank if s.mode == "lora" else 0,
                         lora_targets=tuple(s.targets))
     model_f, hw_f = step_flops(fwd, s.mode, s.checkpointing)
@@ -155,6 +158,8 @@ def run_ours(case: Case, opts: Options, settings: StepSettings, budget_s: float)
            "hardware_tflop": hw_f / 1e12, "tflops": model_f / timing["step_s"] / 1e12,
            "hardware_tflops": hw_f / timing["step_s"] / 1e12,
            "trained_params": sum(p.numel() for p in step.params)}
+    if kinds:
+        out["profile_ms"] = kinds
     if case.cap_gib:
         out["cap_gib"] = case.cap_gib
     if case.cap_gib and opts.device.type == "cuda":
@@ -190,9 +195,11 @@ def run_reference(case: Case, opts: Options, budget_s: float) -> dict:
     timing = time_steps(step, opts.device, warmup=1, max_steps=opts.max_steps,
                         max_seconds=min(opts.step_seconds, budget_s))
     mem = peak_memory(opts.device)
+    kinds = profile_call(step, opts.device, case.name, opts.results_dir, opts.log,
+                         grad=True) if opts.profile else None
     fwd = forward_flops(cfg, w, h, f, lora_rank=32)
     model_f, hw_f = step_flops(fwd, "lora", "full" if case.ref_checkpointing else "none")
-    return {"kind": "train", "settings_label": f"diffusers+peft lora r32 attn={case.ref_attention} "
+    return {"kind": "train", **({"profile_ms": kinds} if kinds else {}), "settings_label": f"diffusers+peft lora r32 attn={case.ref_attention} "
             f"ckpt={'full' if case.ref_checkpointing else 'none'} adamw", "setup_s": setup_s,
             **timing, **mem, "tokens": fwd.tokens, "model_tflop": model_f / 1e12,
             "hardware_tflop": hw_f / 1e12, "tflops": model_f / timing["step_s"] / 1e12,
@@ -241,23 +248,10 @@ def run_vae(case: Case, opts: Options, ours: bool) -> dict:
         torch.backends.cudnn.benchmark = benchmark_before
     times.sort()
     clip_s = times[len(times) // 2]
-    if opts.profile and opts.device.type == "cuda":
-        profile_call(lambda: encode(video), opts, f"profile-{case.name}.txt")
+    if opts.profile:
+        profile_call(lambda: encode(video), opts.device, case.name, opts.results_dir, opts.log)
     return {"kind": "vae", "chunk": case.vae_chunk if ours else 1, "clip_s": clip_s, "times_s": times, "clips_per_min": 60.0 / clip_s,
             "size": [w, h, f], **peak_memory(opts.device)}
-
-
-def profile_call(fn, opts: Options, name: str) -> None:
-    """One call under torch.profiler: the CUDA-time table goes beside the results JSON."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        sync(opts.device)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
-    if opts.results_dir is not None:
-        (opts.results_dir / name).write_text(table + "\n")
-    opts.log(table)
 
 
 def run_sample(case: Case, opts: Options, ours: bool) -> dict:
@@ -272,6 +266,10 @@ def run_sample(case: Case, opts: Options, ours: bool) -> dict:
         from wan_model.sampler import sample
 
         model = dit_loader(opts, flavour)(torch.bfloat16, opts.device)
+        if case.fp8_matmul:
+            from wan_model.fp8 import quantize_linears_
+
+            quantize_linears_(model, fp8_matmul=True)
         set_attention("auto")
         if opts.compile == "on" or (opts.compile == "auto" and opts.device.type == "cuda"):
             model.compile_blocks()  # as tools/sample.py --compile; the warm-up run compiles
@@ -292,7 +290,10 @@ def run_sample(case: Case, opts: Options, ours: bool) -> dict:
     sync(opts.device)
     total = time_call(lambda: run(steps), opts.device)
     step_s = total / steps
+    kinds = profile_call(lambda: run(1), opts.device, case.name, opts.results_dir,
+                         opts.log) if opts.profile else None
     fwd = forward_flops(cfg, w, h, f)
     flops = sampling_flops(fwd, steps)
-    return {"kind": "sample", "steps": steps, "total_s": total, "step_s": step_s,
+    return {"kind": "sample", **({"profile_ms": kinds} if kinds else {}), "steps": steps, "total_s": total,
+            "step_s": step_s,
             "est_50_steps_s": 50 * step_s, "tflops": flops / total / 1e12, **peak_memory(opts.device)}

@@ -35,6 +35,31 @@ def test_flop_counts_match_the_issue_floors():
     assert step_flops(f13, "full", "full")[0] == pytest.approx(3 * f13.total)
 
 
+def test_profile_breakdown_sorts_kernels_by_kind():
+    """The step profile's GPU time by kind (bench/NOTES.md's "where the time goes"): attention
+    kernels whose names also say gemm or cutlass count as attention, Inductor's matmul templates
+    as GEMMs, its fused pointwise kernels (even `_to_copy` ones) as fused elementwise."""
+    from wantune.bench.profiling import breakdown
+
+    kernels = [
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1_kernel0_0", 400.0),
+        ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", 100.0),
+        ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", 50.0),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", 200.0),
+        ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", 100.0),
+        ("triton_tem_fused_mm_0", 10.0),
+        ("triton_per_fused__to_copy_add_mul_native_layer_norm_0", 30.0),
+        ("Memcpy HtoD (Pinned -> Device)", 5.0),
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 3.0),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", 2.0),
+    ]
+    got = breakdown(kernels)
+    want = {"attention": 0.55, "gemm": 0.31, "fused elementwise (triton)": 0.03, "copies": 0.005,
+            "optimizer": 0.003, "other": 0.002, "total": 0.9}
+    assert got == pytest.approx(want) and set(got) == set(want)
+    assert list(got)[:2] == ["attention", "gemm"]
+
+
 def test_case_selection():
     cases = all_cases()
     names = [c.name for c in select(cases, "default")]
@@ -61,6 +86,7 @@ def test_tiny_run_writes_json_table_and_markdown(tmp_path):
     expected = ["matmul", "lora-1.3B-81", "ref-lora-1.3B-81", "lora-14B-81-24G", "vae-ours",
                 "vae-ours-eager", "vae-ours-chunk2", "vae-ours-chunk5", "vae-ours-chunk10",
                 "vae-ours-chunk20", "cache-stage", "cache-8G", "train-previews", "vae-diffusers", "sample-ours",
+                "sample-ours-fp8",
                 "sample-diffusers-cudnn", "sample-diffusers", "sp2-lora-1.3B-81"]
     assert list(res["cases"]) == expected
     bad = {k: v.get("error") for k, v in res["cases"].items() if v["status"] != "ok"}
