@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -262,18 +263,30 @@ def vae_kernels(deterministic: bool):
     them in the last bf16 bit (seen on an H200: two fresh processes 0.0156 apart, one process
     repeating itself exactly). Deterministic (data.vae_deterministic): cuDNN by rule with
     deterministic kernels, and Inductor's deterministic mode (no on-device benchmarking), so
-    every process picks the same kernels. The switches are restored afterwards, so that training
-    and previews run as they would have; kernels compiled inside keep their choice."""
+    every process picks the same kernels. Inductor's flag alone, set at run time, did not do it
+    (two fresh processes on an H200 still 0.031 apart); with torch's deterministic algorithms on
+    as well they are equal, as with TORCHINDUCTOR_DETERMINISTIC=1 from the start. The switches
+    are restored afterwards, so that training and previews run as they would have; kernels
+    compiled inside keep their choice."""
     import torch._inductor.config as inductor
 
     saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic
+    algorithms = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
     inductor.deterministic = deterministic or saved[2]
+    if deterministic:
+        # warn_only: an op without a deterministic kernel warns instead of stopping the cache
+        torch.use_deterministic_algorithms(True, warn_only=not algorithms[0] or algorithms[1])
     try:
-        yield
+        with warnings.catch_warnings():
+            # cuBLAS asks for CUBLAS_WORKSPACE_CONFIG under deterministic algorithms; the VAE's
+            # one attention is a few frames' worth and repeated encodes were equal without it
+            warnings.filterwarnings("ignore", message=".*CUBLAS_WORKSPACE_CONFIG.*")
+            yield
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic = saved
+        torch.use_deterministic_algorithms(algorithms[0], warn_only=algorithms[1])
 
 
 class _Writer:

@@ -225,26 +225,31 @@ def test_ranks_encode_whole_batches_of_the_one_rank_order(tmp_path):
 
 
 def test_deterministic_vae_kernels_switch_cudnn_and_inductor_and_restore_them():
-    """data.vae_deterministic: cuDNN by rule and Inductor without on-device autotuning (two
-    fresh processes on an H200 gave latents 0.0156 apart with cuDNN alone set); the switches
-    are restored for training and previews."""
+    """data.vae_deterministic: cuDNN by rule, Inductor without on-device autotuning and torch's
+    deterministic algorithms (two fresh processes on an H200 gave latents 0.0156 apart with
+    cuDNN alone set, 0.031 with Inductor's flag too); the switches are restored for training
+    and previews."""
     import torch._inductor.config as inductor
 
     from wantune.data.cache import vae_kernels
 
-    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic
+    def state():
+        return (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic,
+                torch.are_deterministic_algorithms_enabled())
+
+    saved = state()
     try:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic = True, False, False
+        torch.use_deterministic_algorithms(False)
         with vae_kernels(True):
-            assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic) == (
-                False, True, True)
-        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic) == (
-            True, False, False)
+            assert state() == (False, True, True, True)
+            assert torch.is_deterministic_algorithms_warn_only_enabled()  # an op without one warns
+        assert state() == (True, False, False, False)
         with vae_kernels(False):
-            assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic) == (
-                True, False, False)
+            assert state() == (True, False, False, False)
     finally:
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic = saved
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic = saved[:3]
+        torch.use_deterministic_algorithms(saved[3])
 
 
 _ENCODE_IN_A_FRESH_PROCESS = """
