@@ -60,6 +60,22 @@ def test_profile_breakdown_sorts_kernels_by_kind():
     assert list(got)[:2] == ["attention", "gemm"]
 
 
+@pytest.mark.parametrize("case,recipe", [("lora-1.3B-81", "t2v-1.3B-lora"), ("full-1.3B-81", "t2v-1.3B-full"),
+                                         ("lora-14B-81", "t2v-14B-lora")])
+def test_headline_cases_time_what_the_shipped_recipes_run(case, recipe):
+    """A headline case's first setting trains as its shipped recipe does: the same mode, the
+    same model flavour, compiled blocks when the recipe compiles, and the float8 levers only when
+    the recipe turns them on (the full fine-tune case ran eager while its recipe compiled)."""
+    from wantune.train.config import load_recipe
+
+    r = load_recipe(REPO / "recipes" / f"{recipe}.yaml")
+    c = next(c for c in all_cases() if c.name == case)
+    s = c.settings[0]
+    assert (s.mode, c.flavour, s.compile) == (r.train.mode, r.model.flavour, r.train.compile)
+    assert s.fp8_matmul == r.train.fp8_matmul
+    assert s.base_dtype == "bf16" or r.train.base_dtype == s.base_dtype
+
+
 def test_case_selection():
     cases = all_cases()
     names = [c.name for c in select(cases, "default")]
