@@ -11,7 +11,7 @@ KINDS = (
     ("attention", ("sdpa", "fmha", "flash", "attention", "attn")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "scaled_mm", "_mm_", "wgmma")),
     ("fused elementwise (triton)", ("triton",)),
-    ("copies", ("memcpy", "memset", "copy")),
+    ("copies", ("memcpy", "memset", "copy")),  # memory copies and eager dtype casts (copy_ kernels)
     ("optimizer", ("adam", "multi_tensor")),
 )
 

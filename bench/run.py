@@ -199,7 +199,8 @@ def run_reference(case: Case, opts: Options, budget_s: float) -> dict:
                          grad=True) if opts.profile else None
     fwd = forward_flops(cfg, w, h, f, lora_rank=32)
     model_f, hw_f = step_flops(fwd, "lora", "full" if case.ref_checkpointing else "none")
-    return {"kind": "train", **({"profile_ms": kinds} if kinds else {}), "settings_label": f"diffusers+peft lora r32 attn={case.ref_attention} "
+    return {"kind": "train", **({"profile_ms": kinds} if kinds else {}),
+            "settings_label": f"diffusers+peft lora r32 attn={case.ref_attention} "
             f"ckpt={'full' if case.ref_checkpointing else 'none'} adamw", "setup_s": setup_s,
             **timing, **mem, "tokens": fwd.tokens, "model_tflop": model_f / 1e12,
             "hardware_tflop": hw_f / 1e12, "tflops": model_f / timing["step_s"] / 1e12,
