@@ -26,7 +26,7 @@ class Options:
     max_steps: int
     step_seconds: float  # timed seconds aimed at per case
     sample_steps: int
-    profile: bool = False  # write a torch.profiler table per VAE and training case (GPU)
+    profile: bool = False  # profile one call per VAE, training and sampling case (GPU)
     results_dir: Path | None = None
     log: callable = print
 
@@ -102,6 +102,15 @@ def build_random_dit(cfg, dtype, device, seed: int = 0, draw_device=None):
 
 # ---- cases ----------------------------------------------------------------------------------
 
+def profile(fn, case: Case, opts: Options, grad: bool = False) -> dict:
+    """With --profile on a GPU: one more call of fn under torch.profiler, its op table appended to
+    profiles.txt and {"profile_ms": GPU time by kind of kernel} for the results; else {}."""
+    if not opts.profile:
+        return {}
+    kinds = profile_call(fn, opts.device, case.name, opts.results_dir, opts.log, grad=grad)
+    return {"profile_ms": kinds} if kinds else {}
+
+
 def run_matmul(case: Case, opts: Options) -> dict:
     if opts.device.type == "cuda":
         r = matmul_rate(opts.device, 256 if opts.tiny else 8192, torch.bfloat16)
@@ -146,8 +155,7 @@ def run_ours(case: Case, opts: Options, settings: StepSettings, budget_s: float)
     timing = time_steps(step, opts.device, warmup=2 if s.compile else 1, max_steps=opts.max_steps,
                         max_seconds=min(opts.step_seconds, budget_s))
     mem = peak_memory(opts.device)
-    kinds = profile_call(step, opts.device, case.name, opts.results_dir, opts.log,
-                         grad=True) if opts.profile else None
+    profiled = profile(step, case, opts, grad=True)
     fwd = forward_flops(cfg, w, h, f, lora_rank=s.lora_rank if s.mode == "lora" else 0,
                         lora_targets=tuple(s.targets))
     model_f, hw_f = step_flops(fwd, s.mode, s.checkpointing)
@@ -157,9 +165,7 @@ def run_ours(case: Case, opts: Options, settings: StepSettings, budget_s: float)
            "model_tflop": model_f / 1e12,
            "hardware_tflop": hw_f / 1e12, "tflops": model_f / timing["step_s"] / 1e12,
            "hardware_tflops": hw_f / timing["step_s"] / 1e12,
-           "trained_params": sum(p.numel() for p in step.params)}
-    if kinds:
-        out["profile_ms"] = kinds
+           "trained_params": sum(p.numel() for p in step.params), **profiled}
     if case.cap_gib:
         out["cap_gib"] = case.cap_gib
     if case.cap_gib and opts.device.type == "cuda":
@@ -195,11 +201,10 @@ def run_reference(case: Case, opts: Options, budget_s: float) -> dict:
     timing = time_steps(step, opts.device, warmup=1, max_steps=opts.max_steps,
                         max_seconds=min(opts.step_seconds, budget_s))
     mem = peak_memory(opts.device)
-    kinds = profile_call(step, opts.device, case.name, opts.results_dir, opts.log,
-                         grad=True) if opts.profile else None
+    profiled = profile(step, case, opts, grad=True)
     fwd = forward_flops(cfg, w, h, f, lora_rank=32)
     model_f, hw_f = step_flops(fwd, "lora", "full" if case.ref_checkpointing else "none")
-    return {"kind": "train", **({"profile_ms": kinds} if kinds else {}),
+    return {"kind": "train", **profiled,
             "settings_label": f"diffusers+peft lora r32 attn={case.ref_attention} "
             f"ckpt={'full' if case.ref_checkpointing else 'none'} adamw", "setup_s": setup_s,
             **timing, **mem, "tokens": fwd.tokens, "model_tflop": model_f / 1e12,
@@ -249,10 +254,9 @@ def run_vae(case: Case, opts: Options, ours: bool) -> dict:
         torch.backends.cudnn.benchmark = benchmark_before
     times.sort()
     clip_s = times[len(times) // 2]
-    if opts.profile:
-        profile_call(lambda: encode(video), opts.device, case.name, opts.results_dir, opts.log)
+    profiled = profile(lambda: encode(video), case, opts)
     return {"kind": "vae", "chunk": case.vae_chunk if ours else 1, "clip_s": clip_s, "times_s": times, "clips_per_min": 60.0 / clip_s,
-            "size": [w, h, f], **peak_memory(opts.device)}
+            "size": [w, h, f], **peak_memory(opts.device), **profiled}
 
 
 def run_sample(case: Case, opts: Options, ours: bool) -> dict:
@@ -291,10 +295,8 @@ def run_sample(case: Case, opts: Options, ours: bool) -> dict:
     sync(opts.device)
     total = time_call(lambda: run(steps), opts.device)
     step_s = total / steps
-    kinds = profile_call(lambda: run(1), opts.device, case.name, opts.results_dir,
-                         opts.log) if opts.profile else None
+    profiled = profile(lambda: run(1), case, opts)
     fwd = forward_flops(cfg, w, h, f)
     flops = sampling_flops(fwd, steps)
-    return {"kind": "sample", **({"profile_ms": kinds} if kinds else {}), "steps": steps, "total_s": total,
-            "step_s": step_s,
+    return {"kind": "sample", **profiled, "steps": steps, "total_s": total, "step_s": step_s,
             "est_50_steps_s": 50 * step_s, "tflops": flops / total / 1e12, **peak_memory(opts.device)}

@@ -64,7 +64,7 @@ def parse_args(argv):
     p.add_argument("--sample-steps", type=int, default=5,
                    help="sampling steps timed (x50 extrapolation is reported and labelled)")
     p.add_argument("--profile", action="store_true",
-                   help="also profile one call of each VAE and training case (GPU): the op table beside "
+                   help="also profile one call of each VAE, training and sampling case (GPU): the op table beside "
                    "the results, the GPU time by kind of kernel in the JSON")
     p.add_argument("--from-json", default=None, metavar="PATH",
                    help="run nothing: rebuild the table and BENCHMARKS.md from a results file")

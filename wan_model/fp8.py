@@ -69,25 +69,22 @@ def fp8_linear_input_grad(grad_out: torch.Tensor, q: torch.Tensor, scale: torch.
     return grad_out @ dequantize_rows(q, scale, grad_out.dtype)
 
 
+# output shapes for tracing, and autograd: backward keeps the float8 weight and its scales only
+fp8_linear.register_fake(lambda x, q, scale, bias: x.new_empty(*x.shape[:-1], q.shape[0]))
+fp8_linear_input_grad.register_fake(lambda g, q, scale: g.new_empty(*g.shape[:-1], q.shape[1]))
+
+
 def _fp8_setup(ctx, inputs, output):
     x, q, scale, bias = inputs
     ctx.save_for_backward(q, scale)
 
 
-def _pair(linear_op, input_grad_op) -> None:
-    """Output shapes for tracing, and autograd, of a float8 Linear op and its input-gradient op:
-    backward keeps the float8 weight and its scales only."""
-    linear_op.register_fake(lambda x, q, scale, bias: x.new_empty(*x.shape[:-1], q.shape[0]))
-    input_grad_op.register_fake(lambda g, q, scale: g.new_empty(*g.shape[:-1], q.shape[1]))
-
-    def backward(ctx, grad_out):
-        q, scale = ctx.saved_tensors
-        return (input_grad_op(grad_out, q, scale) if ctx.needs_input_grad[0] else None), None, None, None
-
-    linear_op.register_autograd(backward, setup_context=_fp8_setup)
+def _fp8_backward(ctx, grad_out):
+    q, scale = ctx.saved_tensors
+    return (fp8_linear_input_grad(grad_out, q, scale) if ctx.needs_input_grad[0] else None), None, None, None
 
 
-_pair(fp8_linear, fp8_linear_input_grad)
+fp8_linear.register_autograd(_fp8_backward, setup_context=_fp8_setup)
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
