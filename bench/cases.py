@@ -78,7 +78,12 @@ def all_cases() -> list[Case]:
         Case("full-1.3B-81", "ours", "1.3B full fine-tune 832x480x81", settings=[
             StepSettings(mode="full", attention="cudnn", checkpointing="selective", compile=True),
             StepSettings(mode="full", attention="cudnn", checkpointing="selective"),
-            StepSettings(mode="full", attention="cudnn", checkpointing="full")], estimate_s=70),
+            StepSettings(mode="full", attention="cudnn", checkpointing="full")],
+             reference="full-1.3B-81-eager", estimate_s=70),
+        Case("full-1.3B-81-eager", "ours", "1.3B full fine-tune 832x480x81, eager (what the case "
+             "timed until 2026-12-01)", settings=[StepSettings(mode="full", attention="cudnn",
+                                                              checkpointing="selective")],
+             estimate_s=40, default=False),
         Case("vae-ours", "vae-ours", "our VAE encode bf16, one 832x480x81 clip",
              reference="vae-diffusers", estimate_s=15),
         Case("vae-ours-eager", "vae-ours", "our VAE encode bf16, eager norm+SiLU (the lever)",

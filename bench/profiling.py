@@ -6,8 +6,11 @@ import torch
 
 from wantune.bench.timing import sync
 
-# first match wins: attention kernels often carry "gemm" in their names too
+# first match wins: attention kernels often carry "gemm" in their names too; Inductor names its
+# pointwise and reduction kernels after every op they fuse, so the norm+RoPE kernel that feeds an
+# SDPA reads "triton_red_fused__scaled_dot_product_cudnn_attention_..." and is no attention kernel
 KINDS = (
+    ("fused elementwise (triton)", ("triton_poi_", "triton_red_", "triton_per_")),
     ("attention", ("sdpa", "fmha", "flash", "attention", "attn")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "scaled_mm", "_mm_", "wgmma")),
     ("fused elementwise (triton)", ("triton",)),

@@ -38,7 +38,8 @@ def test_flop_counts_match_the_issue_floors():
 def test_profile_breakdown_sorts_kernels_by_kind():
     """The step profile's GPU time by kind (bench/NOTES.md's "where the time goes"): attention
     kernels whose names also say gemm or cutlass count as attention, Inductor's matmul templates
-    as GEMMs, its fused pointwise kernels (even `_to_copy` ones) as fused elementwise."""
+    as GEMMs, its fused pointwise kernels (even `_to_copy` ones, and the norm+RoPE kernels named
+    after the SDPA they feed) as fused elementwise."""
     from wantune.bench.profiling import breakdown
 
     kernels = [
@@ -49,13 +50,14 @@ def test_profile_breakdown_sorts_kernels_by_kind():
         ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", 100.0),
         ("triton_tem_fused_mm_0", 10.0),
         ("triton_per_fused__to_copy_add_mul_native_layer_norm_0", 30.0),
+        ("triton_red_fused__scaled_dot_product_cudnn_attention__to_copy_add_mean_mul_pow_rsqrt_1", 20.0),
         ("Memcpy HtoD (Pinned -> Device)", 5.0),
         ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 3.0),
         ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", 2.0),
     ]
     got = breakdown(kernels)
-    want = {"attention": 0.55, "gemm": 0.31, "fused elementwise (triton)": 0.03, "copies": 0.005,
-            "optimizer": 0.003, "other": 0.002, "total": 0.9}
+    want = {"attention": 0.55, "gemm": 0.31, "fused elementwise (triton)": 0.05, "copies": 0.005,
+            "optimizer": 0.003, "other": 0.002, "total": 0.92}
     assert got == pytest.approx(want) and set(got) == set(want)
     assert list(got)[:2] == ["attention", "gemm"]
 
