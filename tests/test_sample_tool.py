@@ -1,4 +1,5 @@
-"""tools/sample.py end to end on tiny random checkpoints, LoRA strengths, and argument errors."""
+"""tools/sample.py end to end on tiny random checkpoints: LoRA strengths, argument errors, and the
+memory options (staged load, text encoder placement, fp8, block swap, decode placement)."""
 import os
 from fractions import Fraction
 
@@ -48,14 +49,19 @@ def test_t2v_mp4_and_contact_sheet(tiny_t2v, tmp_path):
     assert Image.open(tmp_path / "cat_sheet.png").size == (4 * 48, 32)
 
 
-def test_lora_strength_zero_is_the_base_model(tiny_t2v, tmp_path):
+def _write_lora(path):
+    """A rank-4 LoRA on the tiny model's self-attention q and v of both blocks."""
     from wan_model.lora import Lora, LoraWeights, write_lora
 
     g = torch.Generator().manual_seed(0)
     weights = {f"blocks.{i}.self_attn.{p}": LoraWeights(torch.randn(4, 64, generator=g),
                                                         torch.randn(64, 4, generator=g), 4.0)
                for i in range(2) for p in ("q", "v")}
-    lora_path = write_lora(Lora(weights), tmp_path / "l.safetensors")
+    return write_lora(Lora(weights), path)
+
+
+def test_lora_strength_zero_is_the_base_model(tiny_t2v, tmp_path):
+    lora_path = _write_lora(tmp_path / "l.safetensors")
     runs = {"base": [], "zero": ["--lora", f"{lora_path}:0"], "one": ["--lora", str(lora_path)]}
     frames = {}
     for name, extra in runs.items():
@@ -119,3 +125,153 @@ def test_parse_lora():
     assert tool.parse_lora("a/b.safetensors:0.5") == ("a/b.safetensors", 0.5)
     assert tool.parse_lora("a/b.safetensors") == ("a/b.safetensors", 1.0)
     assert tool.parse_lora("C:/x/b.safetensors") == ("C:/x/b.safetensors", 1.0)
+
+
+# ---- memory options -------------------------------------------------------------------------
+# One run per set of options (cached for the module), watched through spies on the staged load.
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _watched_run(root, out, extra):
+    """tools/sample.py on the tiny model; returns what the spies saw: the order of the loading
+    stages, whether the text encoder was still alive when the DiT was loaded, its placement,
+    the sampler, and the latents and the VAE's tiling at decode time."""
+    import gc
+    import weakref
+
+    import wan_model
+    from wan_model import sampler as S
+    from wan_model.text_encoder import TextEncoder
+
+    seen = {"events": []}
+    load_text_encoder, load_transformer = wan_model.load_text_encoder, wan_model.load_transformer
+    encode, load_staged, decode = TextEncoder.encode, S.WanSampler.load_staged.__func__, S.decode_latents
+
+    def text_encoder_spy(*args, **kwargs):
+        te = load_text_encoder(*args, **kwargs)
+        seen["events"].append("text encoder")
+        seen.update(placement=kwargs.get("placement"), streamed=te.stream is not None,
+                    text_encoder=weakref.ref(te))
+        return te
+
+    def encode_spy(self, prompts):
+        seen["events"].append("encode")
+        return encode(self, prompts)
+
+    def dit_spy(*args, **kwargs):
+        gc.collect()
+        seen["events"].append("dit")
+        seen["text_encoder_alive"] = seen["text_encoder"]() is not None
+        return load_transformer(*args, **kwargs)
+
+    def load_staged_spy(cls, *args, **kwargs):
+        seen["sampler"] = load_staged(cls, *args, **kwargs)
+        return seen["sampler"]
+
+    def decode_spy(vae, latents):
+        seen.update(latents=latents.clone(), tiling=vae.tiling)
+        return decode(vae, latents)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(wan_model, "load_text_encoder", text_encoder_spy)
+        mp.setattr(wan_model, "load_transformer", dit_spy)
+        mp.setattr(TextEncoder, "encode", encode_spy)
+        mp.setattr(S.WanSampler, "load_staged", classmethod(load_staged_spy))
+        mp.setattr(S, "decode_latents", decode_spy)
+        assert tool.main(["--root", str(root), "--prompt", "a cat", "--out", str(out), *SMALL,
+                          *extra]) == 0
+    return seen
+
+
+@pytest.fixture(scope="module")
+def watched(tiny_t2v, tmp_path_factory):
+    runs = {}
+
+    def run(*extra):
+        if extra not in runs:
+            runs[extra] = _watched_run(tiny_t2v, tmp_path_factory.mktemp("run"), extra)
+        return runs[extra]
+    return run
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    return str(_write_lora(tmp_path_factory.mktemp("lora") / "l.safetensors"))
+
+
+def test_prompts_are_encoded_and_the_text_encoder_freed_before_the_dit_loads(watched):
+    run = watched()
+    assert run["events"] == ["text encoder", "encode", "dit"]
+    assert run["text_encoder_alive"] is False  # released, not merely unset: nothing holds it
+    sampler = run["sampler"]
+    assert sampler.text_encoder is None
+    assert "a cat" in sampler._embeddings and len(sampler._embeddings) == 2  # and the negative
+    assert next(sampler.vae.parameters()).device.type == "cpu"  # the VAE waits on the host
+
+
+def test_fp8_stores_the_block_linears_in_float8_close_to_fp32(watched):
+    from torch import nn
+
+    from wan_model.fp8 import FP8Linear
+
+    base, fp8 = watched(), watched("--fp8")
+    dit = fp8["sampler"].transformer
+    linears = {n: type(m) for n, m in dit.named_modules() if isinstance(m, nn.Linear)}
+    quantised = {n for n, t in linears.items() if t is FP8Linear}
+    assert len(quantised) == dit.cfg.num_layers * 10  # q, k, v, o of both attentions, 2 FFN
+    assert quantised == {n for n in linears if n.startswith("blocks.")}  # embeddings, head stay
+    assert not any(isinstance(m, FP8Linear) for m in base["sampler"].transformer.modules())
+    # measured 0.021 (2 steps, CFG 5, float32 compute around float8 weights)
+    assert 1e-4 < _rel(fp8["latents"], base["latents"]) < 0.05
+
+
+def test_fp8_merges_the_lora_before_quantising(watched, lora_file):
+    lora_fp32, lora_fp8 = watched("--lora", lora_file), watched("--fp8", "--lora", lora_file)
+    fp8 = watched("--fp8")
+    assert _rel(lora_fp8["latents"], fp8["latents"]) > 0.5  # the LoRA acts (measured 0.88)
+    # and as it does on full-precision weights (measured 0.077: the merged weights rounded)
+    assert _rel(lora_fp8["latents"], lora_fp32["latents"]) < 0.2
+
+
+@pytest.mark.parametrize("placement", ["cpu", "stream"])
+def test_text_encoder_placements_give_the_same_embeddings_and_video(watched, placement):
+    base, run = watched(), watched("--text-encoder-device", placement)
+    assert run["placement"] == placement and run["streamed"] == (placement == "stream")
+    a, b = base["sampler"]._embeddings, run["sampler"]._embeddings
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(run["latents"], base["latents"])
+
+
+def test_block_swap_keeps_the_last_blocks_on_the_host_and_the_same_video(watched):
+    base, run = watched(), watched("--block-swap", "1")
+    assert run["sampler"].transformer.block_swap.swapped == [1]
+    assert torch.equal(run["latents"], base["latents"])
+
+
+def test_tiled_decode_tiles_for_the_render_only(watched):
+    run = watched("--decode", "tiled")
+    assert run["tiling"] is not None and run["sampler"].vae.tiling is None
+    assert watched()["tiling"] is None
+    assert torch.equal(run["latents"], watched()["latents"])
+
+
+@pytest.mark.parametrize("args,capability,message", [
+    (["--fp8-matmul", "--device", "cpu"], None, "--fp8-matmul runs float8 GEMMs on a CUDA GPU"),
+    (["--fp8-matmul", "--device", "cuda"], (8, 6), "--fp8-matmul needs a GPU of compute capability 8.9"),
+    (["--fp8-matmul", "--device", "cuda", "--dtype", "fp16"], (9, 0), "use --dtype bf16"),
+    (["--block-swap", "-1"], None, "--block-swap -1: give the number of blocks"),
+])
+def test_memory_option_errors(tmp_path, capsys, monkeypatch, args, capability, message):
+    # refused before anything is loaded (the root does not even exist); a GPU's capability faked
+    if capability is not None:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert tool.main(["--root", str(tmp_path / "none"), "--prompt", "x", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_block_swap_beyond_the_blocks_is_refused_before_loading(tiny_t2v, tmp_path, capsys):
+    assert tool.main(["--root", str(tiny_t2v), "--prompt", "x", "--block-swap", "3",
+                      "--out", str(tmp_path / "x.mp4"), *SMALL]) == 2
+    assert "--block-swap 3: the DiT has 2 blocks; choose 1..2" in capsys.readouterr().err

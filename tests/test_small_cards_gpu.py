@@ -34,17 +34,22 @@ def _real_vae(dtype) -> WanVAE:
     return random_fill(vae, 0, dtype, "cuda", keep_on_device=True).eval().requires_grad_(False)
 
 
+def _real_t5(tmp_path) -> TextEncoder:
+    """umT5-XXL at real size (24 blocks, 11.4 GB in bf16), random weights drawn on the GPU."""
+    with torch.device("meta"):
+        model = UMT5Encoder(T5Config())
+    random_fill(model, 0, torch.bfloat16, "cuda", keep_on_device=True)
+    return TextEncoder(model, load_tokenizer(write_tiny_tokenizer(tmp_path)), 512)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().mean() / b.float().abs().mean()).item()
 
 
 @torch.no_grad()
 def test_streamed_t5_gives_the_whole_encoders_embeddings_in_a_fraction_of_the_memory(tmp_path):
-    with torch.device("meta"):
-        model = UMT5Encoder(T5Config())  # umT5-XXL: 24 blocks, 11.4 GB in bf16
-    random_fill(model, 0, torch.bfloat16, "cuda", keep_on_device=True)
-    block = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
-    enc = TextEncoder(model, load_tokenizer(write_tiny_tokenizer(tmp_path)), 512)
+    enc = _real_t5(tmp_path)
+    block = sum(p.numel() * p.element_size() for p in enc.model.blocks[0].parameters())
     # a caching batch (data.text_batch_size 16), captions of many lengths
     prompts = [f"clip {i}: " + "a white square crosses a drifting mosaic, " * (1 + 3 * i) for i in range(16)]
     whole = peak_of(lambda: enc.encode(prompts))

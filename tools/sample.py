@@ -11,6 +11,10 @@ a folder or a pattern like frames/%04d.png. With several prompts, the outputs ar
 uses --seed unless its prompts-file entry sets its own, so a prompt's video does not depend on
 its position in the list. steps/shift default to the official values for the task and size
 (T2V: 50 steps, shift 5; I2V: 40 steps, shift 3 at 832x480/480x832, else 5).
+
+Memory: the prompts are encoded and the text encoder released before the DiT is loaded, so the
+two never share the GPU. For smaller cards: --text-encoder-device cpu|stream, --fp8 (the DiT's
+block weights in float8), --block-swap N and --decode tiled|cpu (see "memory" below).
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from wantune.train.validation import decoder_placed  # noqa: E402
 from wan_model.lora import parse_lora_spec as parse_lora  # noqa: E402
+from wan_model.lora import read_lora  # noqa: E402
 from wan_model.media import write_contact_sheet, write_video  # noqa: E402
 from wan_model.paths import ModelPaths  # noqa: E402
 from wan_model.quiet import quiet_third_party  # noqa: E402
@@ -30,6 +36,7 @@ from wan_model.sampler import (DEFAULTS, PromptSpec, WanSampler, check_frames,  
                                check_size, default_negative_prompt, default_shift,
                                load_prompts_file, parse_size)
 from wan_model.schedulers import SOLVERS  # noqa: E402
+from wan_model.text_encoder import PLACEMENTS  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -66,6 +73,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "a warm-up step)")
     s.add_argument("--cfg-batch", action="store_true",
                    help="run cond and uncond in one batch-2 forward (faster, more memory)")
+    g = p.add_argument_group("memory")
+    g.add_argument("--text-encoder-device", choices=[x for x in PLACEMENTS if x != "auto"],
+                   default="device",
+                   help="where the umT5 text encoder (11 GB in bf16) encodes the prompts, before "
+                        "the DiT is loaded: device (the whole encoder on the GPU), cpu (on the "
+                        "host: no GPU memory, slow) or stream (its blocks copied to the GPU one "
+                        "at a time: 1.2 GiB there for a prompt and its negative, the same "
+                        "embeddings)")
+    g.add_argument("--fp8", action="store_true",
+                   help="store the DiT's block Linears in float8 e4m3 (one scale per row, upcast "
+                        "on use): about half the DiT's memory (the 14B: 14.2 GiB on the GPU), "
+                        "each weight rounded to 3 mantissa bits. The bf16 DiT is read into host "
+                        "memory (the 14B: ~29 GB of RAM) and quantised on the GPU a weight at a "
+                        "time; LoRAs are merged before quantising")
+    g.add_argument("--fp8-matmul", action="store_true",
+                   help="--fp8, and the matmuls run as float8 GEMMs too (they round the "
+                        "activations as well); needs a CUDA GPU of compute capability 8.9 or "
+                        "newer (Ada, Hopper) and --dtype bf16")
+    g.add_argument("--block-swap", type=int, default=0, metavar="N",
+                   help="keep the last N DiT blocks in pinned host memory and copy each to the "
+                        "GPU just before it runs, under the previous block's compute (for a DiT "
+                        "that does not fit; a slow PCIe link makes steps slower, so swap only as "
+                        "many as needed)")
+    g.add_argument("--decode", choices=("device", "tiled", "cpu"), default="device",
+                   help="where the VAE decodes (and, for I2V, encodes the image): device; tiled "
+                        "(on the GPU in 256 px spatial tiles, blended: less memory); cpu (the VAE "
+                        "and CLIP never visit the GPU; slow). Between videos they wait on the host")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="samples/sample.mp4", help="output path; the suffix picks the format")
     o.add_argument("--fps", type=float, default=DEFAULTS["t2v"]["fps"])
@@ -110,6 +144,26 @@ def output_paths(out: Path, specs: list[PromptSpec]) -> list[Path]:
     return [out.with_name(f"{s.name or f'{stem}_{i:03d}'}{suffix}") for i, s in enumerate(specs)]
 
 
+def check_memory_options(a, device: str, dtype: torch.dtype) -> None:
+    """Refuse the memory options that cannot work together, before anything is loaded."""
+    if a.fp8_matmul:
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"--fp8-matmul runs float8 GEMMs on a CUDA GPU, but the device is "
+                             f"{device}: drop --fp8-matmul (--fp8 alone stores the weights in "
+                             "float8 and runs anywhere)")
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise ValueError(f"--fp8-matmul needs a GPU of compute capability 8.9 or newer (Ada, "
+                             f"Hopper) for float8 GEMMs; {device} has {capability[0]}.{capability[1]}: "
+                             "use --fp8 instead (float8 storage, bf16 matmuls)")
+        if dtype != torch.bfloat16:
+            raise ValueError(f"--fp8-matmul writes its GEMMs' outputs in bf16, but --dtype is "
+                             f"{a.dtype}: use --dtype bf16 (the default on CUDA), or --fp8 alone")
+    if a.block_swap < 0:
+        raise ValueError(f"--block-swap {a.block_swap}: give the number of blocks to keep in host "
+                         "memory (0, the default, keeps all on the device)")
+
+
 def run(a) -> list[Path]:
     specs = collect_specs(a)
     if not (a.root or (a.transformer and a.vae and a.text_encoder and a.tokenizer)):
@@ -117,35 +171,45 @@ def run(a) -> list[Path]:
                          "--transformer, --vae, --text-encoder and --tokenizer")
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    check_memory_options(a, device, dtype)
     # Check every prompt's settings before spending minutes on loading.
     for spec in specs:
         resolve_spec(spec, a, "t2v")
+    loras = [(read_lora(p), s) for p, s in map(parse_lora, a.lora)]  # a bad file fails here
     paths = ModelPaths(root=a.root, transformer=a.transformer, vae=a.vae,
                        text_encoder=a.text_encoder, tokenizer=a.tokenizer, clip=a.clip)
     paths.fetch()  # a repo id: every file first, so a failed download costs no loading time
-    sampler = WanSampler.load(paths, device=device, dtype=dtype)
-    if a.compile:
-        sampler.transformer.compile_blocks()
-        sampler.vae.fuse_elementwise()
-    task = sampler.task
+    from wan_model.dit_io import read_transformer_config
+
+    cfg = read_transformer_config(paths.resolve("transformer"))  # headers only: no weights yet
+    if a.block_swap > cfg.num_layers:
+        raise ValueError(f"--block-swap {a.block_swap}: the DiT has {cfg.num_layers} blocks; "
+                         f"choose 1..{cfg.num_layers}, or 0 to keep all on the device")
+    task = "i2v" if cfg.is_i2v else "t2v"
     jobs = [resolve_spec(s, a, task) for s in specs]
     if task == "i2v" and any(j["image"] is None for j in jobs):
         raise ValueError("this is an I2V model: pass --image (or `image:` per prompt)")
     if task == "t2v" and any(j["image"] for j in jobs):
         raise ValueError("--image was given but the model is a T2V model; use an I2V checkpoint")
-    if a.lora:
-        from wan_model.lora import apply_loras
-
-        apply_loras(sampler.transformer, [parse_lora(x) for x in a.lora], mode="merge")
     texts = [s.prompt for s in specs] + [j["negative"] for j in jobs if j["guidance"] != 1.0]
-    sampler.encode_prompts(texts)
-    sampler.release_text_encoder()
+    # The prompts are encoded and the text encoder released before the DiT is loaded.
+    sampler = WanSampler.load_staged(
+        paths, texts, device=device, dtype=dtype, text_encoder_device=a.text_encoder_device,
+        loras=loras, fp8=a.fp8 or a.fp8_matmul,
+        fp8_matmul=a.fp8_matmul, block_swap=a.block_swap,
+        clip_dtype=torch.float32 if a.decode == "cpu" else None)
+    if a.compile:
+        sampler.transformer.compile_blocks()
+        if a.decode != "cpu":
+            sampler.vae.fuse_elementwise()
     written = []
     for spec, job, path in zip(specs, jobs, output_paths(Path(a.out), specs)):
-        video = sampler.generate(spec.prompt, job["negative"], job["image"], frames=job["frames"],
-                                 height=job["height"], width=job["width"], steps=job["steps"],
-                                 shift=job["shift"], guidance=job["guidance"], solver=a.solver,
-                                 seed=job["seed"], cfg_batch=a.cfg_batch)
+        with decoder_placed(sampler.vae, sampler.clip, a.decode, device):
+            video = sampler.generate(spec.prompt, job["negative"], job["image"],
+                                     frames=job["frames"], height=job["height"],
+                                     width=job["width"], steps=job["steps"], shift=job["shift"],
+                                     guidance=job["guidance"], solver=a.solver, seed=job["seed"],
+                                     cfg_batch=a.cfg_batch)
         write_video(video[0], path, fps=a.fps)
         if a.contact_sheet:
             write_contact_sheet(video[0], path.with_name(f"{path.stem}_sheet.png"))

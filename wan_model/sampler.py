@@ -372,6 +372,41 @@ class WanSampler:
                                                       device=device)
         return sampler
 
+    @classmethod
+    def load_staged(cls, paths, prompts: Sequence[str], *, device="cpu", dtype=torch.bfloat16,
+                    text_encoder_device: str = "device", loras=(), fp8: bool = False,
+                    fp8_matmul: bool = False, block_swap: int = 0, clip: bool | None = None,
+                    clip_dtype: torch.dtype | None = None):
+        """Load for the least device memory, one component at a time (`load` puts all of them
+        on the device at once). The text encoder, placed as `text_encoder_device` says (device,
+        cpu or stream: see `TextEncoder.place`), encodes `prompts` (every prompt and negative
+        prompt to be sampled) and is released before the DiT is loaded, so the two never share
+        the device. The DiT is loaded in `dtype` and made ready by `place_dit` (LoRAs merged,
+        float8 block Linears, block swap); with fp8 or block swap it is loaded to the host, so
+        its bf16 weights never sit whole on the device. The VAE (float32) and CLIP (`clip_dtype`,
+        default float16 on a GPU) wait in host memory: the caller places them for each render,
+        as the training previews do (`train.validation.decoder_placed`)."""
+        import wan_model
+
+        # the sampler holds the only reference to the text encoder, so releasing it frees it
+        sampler = cls(None, None, wan_model.load_text_encoder(
+            paths.resolve("text_encoder"), paths.resolve("tokenizer"), dtype=dtype, device=device,
+            placement=text_encoder_device), None, device=device)
+        sampler.encode_prompts(prompts)
+        sampler.release_text_encoder()
+        on_host = fp8 or fp8_matmul or block_swap  # then only what stays resident reaches the device
+        model = wan_model.load_transformer(paths.resolve("transformer"), dtype=dtype,
+                                           device="cpu" if on_host else device)
+        sampler.transformer = place_dit(model, device, loras=loras, fp8=fp8,
+                                        fp8_matmul=fp8_matmul, block_swap=block_swap)
+        sampler.vae = wan_model.load_vae(paths.resolve("vae"), dtype=torch.float32, device="cpu")
+        if clip or (clip is None and sampler.task == "i2v"):
+            if clip_dtype is None:
+                clip_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+            sampler.clip = wan_model.load_clip_vision(paths.resolve("clip"), dtype=clip_dtype,
+                                                      device="cpu")
+        return sampler
+
     def encode_prompts(self, prompts: Sequence[str]) -> list[torch.Tensor]:
         """[L_i, dim] embeddings, from the cache or encoded now (all missing ones at once)."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._embeddings))
@@ -451,6 +486,36 @@ class WanSampler:
         if return_latents:
             return latents
         return decode_latents(self.vae, latents)
+
+
+def place_dit(model, device, *, loras=(), fp8: bool = False, fp8_matmul: bool = False,
+              block_swap: int = 0):
+    """A loaded DiT made ready to sample on `device`, in this order: the LoRAs [(path or Lora,
+    strength)] merged into its weights (before quantising: a merge into float8 weights would
+    add the change to the scaled codes); with `fp8` its block Linears stored in float8 e4m3
+    (`wan_model.fp8`; `fp8_matmul`: float8 GEMMs too), quantised on `device` a weight at a time
+    for a model held on the host, as the trainer does; then placed: whole on `device`, or with
+    its last `block_swap` blocks in host memory, streamed in as they run (`wan_model.block_swap`).
+    Load it to the host when fp8 or block swap is asked for: only what stays resident then
+    reaches the device."""
+    from .device_memory import free_memory
+
+    if loras:
+        from .lora import apply_loras
+
+        apply_loras(model, list(loras), mode="merge")
+    if fp8 or fp8_matmul:
+        from .fp8 import quantize_linears_
+
+        quantize_linears_(model, work_device=device, fp8_matmul=fp8_matmul)
+        free_memory()  # the quantising's work buffers, cached on the device
+    if block_swap:
+        from .block_swap import enable_block_swap
+
+        enable_block_swap(model, block_swap, device)
+    else:
+        model.to(device)
+    return model
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:

@@ -237,7 +237,10 @@ class WanModel(nn.Module):
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
         dtype = self.blocks[0].self_attn.q.weight.dtype if len(self.blocks) else torch.float32
-        return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
+        if dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return dtype
+        # float8 block weights (wan_model/fp8.py): compute in the dtype the rest was loaded in
+        return self.patch_embedding.weight.dtype
 
     def embed_context(self, context) -> torch.Tensor:
         """Zero-pad every prompt embedding to text_len rows, then the text MLP."""
