@@ -5,11 +5,12 @@ CFG 5 (random text embeddings, as the benchmark's sampling case), the final late
 (float8 weights) and of --fp8-matmul (float8 GEMMs too) against bf16's, as a PSNR. Then the
 peak memory of the staged load and sampling of the 1.3B at 832x480x81 with the default options
 (umT5-XXL, DiT and VAE at real size), and the 14B DiT placed with --fp8 from the host, through
-the code path the tool uses (`WanSampler.load_staged`, `place_dit`). Each value is printed (-s)
-for the record.
+the code path the tool uses (`WanSampler.load_staged`, `place_dit`); last, README's table of
+which options sample on an 8, 16 and 24 GiB card, each under an allocator cap. Each value is
+printed (-s) for the record.
 
     bash bench/gpu_run.sh tests
-    python3 -m pytest -q -s -m gpu tests/test_sample_gpu.py    # these alone: 2 min 40 s on an H200
+    python3 -m pytest -q -s -m gpu tests/test_sample_gpu.py    # these alone: ~5.5 min on an H200
 """
 import math
 
