@@ -275,3 +275,77 @@ def test_block_swap_beyond_the_blocks_is_refused_before_loading(tiny_t2v, tmp_pa
     assert tool.main(["--root", str(tiny_t2v), "--prompt", "x", "--block-swap", "3",
                       "--out", str(tmp_path / "x.mp4"), *SMALL]) == 2
     assert "--block-swap 3: the DiT has 2 blocks; choose 1..2" in capsys.readouterr().err
+
+
+# ---- memory advice --------------------------------------------------------------------------
+
+def _nbytes(module):
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_counted_dit_bytes_are_what_the_placed_model_holds(tiny_t2v, fp8):
+    """The meta count behind the fit check equals the tensors of a DiT loaded in bf16 and placed
+    (float32 islands kept, float8 block Linears with their row scales). Swapped blocks count
+    two at a time on the device, so swapping one or both of the tiny DiT's two saves nothing."""
+    import wan_model
+    from wan_model.dit_io import read_transformer_config
+    from wan_model.paths import ModelPaths
+    from wan_model.sampler import dit_device_bytes, place_dit
+
+    path = ModelPaths(root=str(tiny_t2v)).resolve("transformer")
+    model = place_dit(wan_model.load_transformer(path, dtype=torch.bfloat16, device="cpu"), "cpu", fp8=fp8)
+    cfg = read_transformer_config(path)
+    assert cfg.num_layers == 2
+    assert dit_device_bytes(cfg, torch.bfloat16, fp8) == _nbytes(model)
+    assert dit_device_bytes(cfg, torch.bfloat16, fp8, block_swap=1) == _nbytes(model)
+    assert dit_device_bytes(cfg, torch.bfloat16, fp8, block_swap=2) == _nbytes(model)
+
+
+def test_swapped_blocks_beyond_two_leave_the_device():
+    from wan_model.configs import get_flavour
+    from wan_model.sampler import dit_device_bytes
+
+    cfg = get_flavour("t2v-1.3B").dit  # 30 equal blocks, counted on a meta model
+    whole, five = dit_device_bytes(cfg), dit_device_bytes(cfg, block_swap=5)
+    block = (whole - dit_device_bytes(cfg, block_swap=30)) / 28
+    assert whole - five == pytest.approx(3 * block)
+
+
+def test_weights_that_cannot_fit_are_refused_before_loading_with_the_options_that_fit(
+        tiny_t2v, tmp_path, capsys, monkeypatch):
+    import wan_model
+    from wan_model.dit_io import read_transformer_config
+    from wan_model.paths import ModelPaths
+    from wan_model.sampler import dit_device_bytes
+
+    cfg = read_transformer_config(ModelPaths(root=str(tiny_t2v)).resolve("transformer"))
+    free = dit_device_bytes(cfg, torch.bfloat16, fp8=True)  # room for the float8 DiT only
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 8 * free))
+    monkeypatch.setattr(tool, "RENDER_GIB", 0.0)
+    monkeypatch.setattr(wan_model, "load_text_encoder", lambda *a, **k: pytest.fail("loaded something"))
+    args = ["--root", str(tiny_t2v), "--prompt", "x", "--out", str(tmp_path / "x.mp4"),
+            "--device", "cuda", "--text-encoder-device", "stream"]
+    assert tool.main(args) == 2
+    err = capsys.readouterr().err
+    assert "the DiT's weights need" in err and "use --fp8 (" in err and "--block-swap" not in err
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free - 1, 8 * free))
+    assert tool.main(args) == 2
+    assert "use a GPU with more memory" in capsys.readouterr().err
+
+
+def test_out_of_memory_names_the_options_not_used_yet(tiny_t2v, tmp_path, capsys, monkeypatch):
+    from wan_model.sampler import WanSampler
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(WanSampler, "generate", oom)
+    base = ["--root", str(tiny_t2v), "--prompt", "x", "--out", str(tmp_path / "x.mp4"), *SMALL]
+    assert tool.main(base) == 2
+    err = capsys.readouterr().err
+    assert "out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in err
+    for option in ("--text-encoder-device stream", "--decode tiled", "--fp8 (", "--block-swap N"):
+        assert option in err
+    assert tool.main([*base, "--fp8", "--decode", "tiled", "--block-swap", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--fp8 (" not in err and "--decode tiled" not in err and "now 1: swap more" in err

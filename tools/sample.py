@@ -34,7 +34,7 @@ from wan_model.paths import ModelPaths  # noqa: E402
 from wan_model.quiet import quiet_third_party  # noqa: E402
 from wan_model.sampler import (DEFAULTS, PromptSpec, WanSampler, check_frames,  # noqa: E402
                                check_size, default_negative_prompt, default_shift,
-                               load_prompts_file, parse_size)
+                               dit_device_bytes, load_prompts_file, parse_size)
 from wan_model.schedulers import SOLVERS  # noqa: E402
 from wan_model.text_encoder import PLACEMENTS  # noqa: E402
 
@@ -164,6 +164,61 @@ def check_memory_options(a, device: str, dtype: torch.dtype) -> None:
                          "memory (0, the default, keeps all on the device)")
 
 
+# What a render needs beside the weights, for the suggestions below: measured 2.2-4.7 GiB at
+# 832x480x81 with tiled decoding (1.3B and 14B, tests/test_sample_gpu.py, 2026-12-01).
+RENDER_GIB = 5.0
+GIB = 2**30
+
+
+def _fits(cfg, dtype, free: int) -> list[str]:
+    """The fewest memory options (fp8 first, then as few swapped blocks as possible) whose DiT
+    weights leave RENDER_GIB of `free`, with what each leaves on the device."""
+    out = []
+    for fp8 in (False, True):
+        for n in range(cfg.num_layers + 1):
+            need = dit_device_bytes(cfg, dtype, fp8, n)
+            if need + RENDER_GIB * GIB <= free:
+                flags = " ".join(f for f in ("--fp8" if fp8 else "", f"--block-swap {n}" if n else "") if f)
+                if flags:
+                    out.append(f"{flags} ({need / GIB:.1f} GiB of weights)")
+                break
+    return out
+
+
+def check_weights_fit(a, cfg, device: str, dtype: torch.dtype) -> None:
+    """On a GPU, before anything is loaded: refuse when the DiT's weights alone cannot fit the
+    free memory with the options given, and name the options that make room (the text encoder
+    is freed before the DiT loads, so it does not count here)."""
+    if torch.device(device).type != "cuda":
+        return
+    free = torch.cuda.mem_get_info(torch.device(device))[0]
+    need = dit_device_bytes(cfg, dtype, a.fp8 or a.fp8_matmul, a.block_swap)
+    if need <= free:
+        return
+    options = _fits(cfg, dtype, free)
+    fix = ("use " + " or ".join(options) if options else
+           "even float8 weights with every block swapped leave no room: use a GPU with more memory")
+    raise ValueError(f"the DiT's weights need {need / GIB:.1f} GiB on {device} with these options "
+                     f"and {free / GIB:.1f} GiB are free (a render needs a few GiB more): {fix}")
+
+
+def out_of_memory_advice(a, error: Exception) -> str:
+    """What to change after the GPU ran out of memory, from the options not used yet."""
+    first = str(error).splitlines()[0][:200] if str(error) else "out of memory"
+    steps = []
+    if a.text_encoder_device == "device":
+        steps.append("--text-encoder-device stream (the text encoder a block at a time)")
+    if a.decode == "device":
+        steps.append("--decode tiled (the VAE decodes in spatial tiles)")
+    if not (a.fp8 or a.fp8_matmul):
+        steps.append("--fp8 (the DiT's block weights in float8: about half)")
+    steps.append("--block-swap N (the last N DiT blocks streamed from host memory)"
+                 + (f"; now {a.block_swap}: swap more" if a.block_swap else ""))
+    steps.append("fewer frames or a smaller size (--frames, --size)")
+    return ("out of GPU memory (" + first + "); try, in this order:\n"
+            + "\n".join(f"  - {s}" for s in steps))
+
+
 def run(a) -> list[Path]:
     specs = collect_specs(a)
     if not (a.root or (a.transformer and a.vae and a.text_encoder and a.tokenizer)):
@@ -185,6 +240,7 @@ def run(a) -> list[Path]:
     if a.block_swap > cfg.num_layers:
         raise ValueError(f"--block-swap {a.block_swap}: the DiT has {cfg.num_layers} blocks; "
                          f"choose 1..{cfg.num_layers}, or 0 to keep all on the device")
+    check_weights_fit(a, cfg, device, dtype)
     task = "i2v" if cfg.is_i2v else "t2v"
     jobs = [resolve_spec(s, a, task) for s in specs]
     if task == "i2v" and any(j["image"] is None for j in jobs):
@@ -223,6 +279,9 @@ def main(argv=None) -> int:
     quiet_third_party(a.verbose)
     try:
         run(a)
+    except torch.OutOfMemoryError as e:
+        print(f"error: {out_of_memory_advice(a, e)}", file=sys.stderr)
+        return 2
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

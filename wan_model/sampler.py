@@ -13,6 +13,7 @@ one seed, as in the official code), `uncond + g·(cond − uncond)` with the off
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -516,6 +517,36 @@ def place_dit(model, device, *, loras=(), fp8: bool = False, fp8_matmul: bool = 
     else:
         model.to(device)
     return model
+
+
+def dit_device_bytes(cfg, dtype: torch.dtype = torch.bfloat16, fp8: bool = False,
+                     block_swap: int = 0) -> int:
+    """The bytes of weights `place_dit` leaves on the device for a DiT of `cfg` loaded in `dtype`
+    (its float32 islands kept): the block Linears in float8 (with their row scales) with `fp8`;
+    with `block_swap` the last N blocks on the host, two of them on the device at a time (the
+    one running and the one being copied in). Counted on a meta model: no weights are read."""
+    total, blocks = _weight_bytes(cfg, dtype, fp8)
+    swapped = blocks[len(blocks) - min(block_swap, len(blocks)):]
+    return total - sum(swapped) + sum(sorted(swapped)[-2:])
+
+
+@functools.lru_cache(maxsize=8)
+def _weight_bytes(cfg, dtype: torch.dtype, fp8: bool) -> tuple[int, tuple[int, ...]]:
+    """(all the DiT's weight bytes, each block's) as `place_dit` stores them."""
+    from .fp8 import quantize_linears_
+    from .transformer import WanModel, keep_fp32
+
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    for name, p in model.named_parameters():
+        if not keep_fp32(name):
+            p.data = p.data.to(dtype)
+    if fp8:
+        quantize_linears_(model)
+
+    def nbytes(module):
+        return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    return nbytes(model), tuple(nbytes(b) for b in model.blocks)
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
