@@ -78,12 +78,12 @@ def adamw_reference(argv, cache, world=1, steps=3) -> list[dict[str, torch.Tenso
     return out
 
 
-def assert_matches_reference(run_dir, want):
+def assert_matches_reference(run_dir, want, atol: float = 1e-7):
     for step, expected in enumerate(want, 1):
         got = load_file(str(run_dir / f"step-{step}" / "trained.safetensors"))
         assert got.keys() == expected.keys()
         for n in expected:
-            torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-7, msg=lambda s: f"step {step} {n}: {s}")
+            torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=atol, msg=lambda s: f"step {step} {n}: {s}")
         moved = max((got[n] - (want[step - 2][n] if step > 1 else got[n])).abs().max() for n in got)
         assert step == 1 or moved > 1e-5  # every step really moves the weights
 
@@ -118,7 +118,11 @@ def test_two_ranks_train_their_own_shards_with_their_own_seeds(tiny_assets, cach
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=cached, capture_output=True, text=True, env=env, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert_matches_reference(cached / "ddp", adamw_reference(argv, cached / "cache", world=2))
+    # 1e-6: once in many runs one of 512 near-zero LoRA B entries came out 1.9e-7 off after the
+    # averaged step 2 (Adam's first moment cancelling between steps magnifies a last-bit
+    # difference of the averaged gradient); a rank training the wrong batch or noise moves the
+    # weights by the step itself, ~1e-4 and more
+    assert_matches_reference(cached / "ddp", adamw_reference(argv, cached / "cache", world=2), atol=1e-6)
     one_rank = adamw_reference(argv, cached / "cache", world=1)  # what a rank alone would do
     got = load_file(str(cached / "ddp" / "step-3" / "trained.safetensors"))
     assert any(not torch.allclose(got[n], one_rank[-1][n], rtol=1e-3, atol=1e-6) for n in got)

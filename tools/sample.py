@@ -171,8 +171,8 @@ GIB = 2**30
 
 
 def _fits(cfg, dtype, free: int) -> list[str]:
-    """The fewest memory options (fp8 first, then as few swapped blocks as possible) whose DiT
-    weights leave RENDER_GIB of `free`, with what each leaves on the device."""
+    """The memory options whose DiT weights leave RENDER_GIB of `free`: without and with --fp8,
+    each with as few swapped blocks as possible, and the weights each leaves on the device."""
     out = []
     for fp8 in (False, True):
         for n in range(cfg.num_layers + 1):
