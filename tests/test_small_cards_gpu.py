@@ -34,11 +34,12 @@ def _real_vae(dtype) -> WanVAE:
     return random_fill(vae, 0, dtype, "cuda", keep_on_device=True).eval().requires_grad_(False)
 
 
-def _real_t5(tmp_path) -> TextEncoder:
-    """umT5-XXL at real size (24 blocks, 11.4 GB in bf16), random weights drawn on the GPU."""
+def _real_t5(tmp_path, on_device: bool = True) -> TextEncoder:
+    """umT5-XXL at real size (24 blocks, 11.4 GB in bf16), random weights drawn on the GPU and
+    kept there, or (`on_device=False`) moved to the host a tensor at a time."""
     with torch.device("meta"):
         model = UMT5Encoder(T5Config())
-    random_fill(model, 0, torch.bfloat16, "cuda", keep_on_device=True)
+    random_fill(model, 0, torch.bfloat16, "cuda", keep_on_device=on_device)
     return TextEncoder(model, load_tokenizer(write_tiny_tokenizer(tmp_path)), 512)
 
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from wantune.train.validation import decoder_placed  # noqa: E402
+from wan_model.device_memory import GIB  # noqa: E402
 from wan_model.lora import parse_lora_spec as parse_lora  # noqa: E402
 from wan_model.lora import read_lora  # noqa: E402
 from wan_model.media import write_contact_sheet, write_video  # noqa: E402
@@ -167,7 +168,6 @@ def check_memory_options(a, device: str, dtype: torch.dtype) -> None:
 # What a render needs beside the weights, for the suggestions below: measured 2.2-4.7 GiB at
 # 832x480x81 with tiled decoding (1.3B and 14B, tests/test_sample_gpu.py, 2026-12-01).
 RENDER_GIB = 5.0
-GIB = 2**30
 
 
 def _fits(cfg, dtype, free: int) -> list[str]:

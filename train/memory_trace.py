@@ -164,18 +164,15 @@ def fakify_(module: nn.Module, mode, device) -> None:
 def build_meta_model(cfg, setup: StepSetup, num_layers: int):
     """The DiT with `num_layers` blocks on the meta device, in the trainer's dtypes, with LoRA
     (or the full fine-tune's trained parts) applied as `train.adapters` applies them."""
-    from wan_model.transformer import WanModel, keep_fp32
+    from wan_model.transformer import meta_model
 
     from .adapters import add_lora, select_full
     from .config import FullConfig, LoraConfig
 
-    with torch.device("meta"):
-        model = WanModel(replace(cfg, num_layers=num_layers))
     base = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}[setup.base_dtype]
     if setup.mode == "full" or not setup.autocast:
         base = torch.float32 if setup.mode == "full" else base
-    for name, p in model.named_parameters():
-        p.data = p.data.to(torch.float32 if keep_fp32(name) else base)
+    model = meta_model(replace(cfg, num_layers=num_layers), base)
     model.requires_grad_(False)
     if setup.mode == "lora" and setup.base_dtype == "fp8":
         from wan_model.fp8 import quantize_linears_

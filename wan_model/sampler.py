@@ -534,13 +534,9 @@ def dit_device_bytes(cfg, dtype: torch.dtype = torch.bfloat16, fp8: bool = False
 def _weight_bytes(cfg, dtype: torch.dtype, fp8: bool) -> tuple[int, tuple[int, ...]]:
     """(all the DiT's weight bytes, each block's) as `place_dit` stores them."""
     from .fp8 import quantize_linears_
-    from .transformer import WanModel, keep_fp32
+    from .transformer import meta_model
 
-    with torch.device("meta"):
-        model = WanModel(cfg)
-    for name, p in model.named_parameters():
-        if not keep_fp32(name):
-            p.data = p.data.to(dtype)
+    model = meta_model(cfg, dtype)
     if fp8:
         quantize_linears_(model)
 

@@ -350,3 +350,13 @@ class WanModel(nn.Module):
         x = x.view(b, *grid, pt, ph, pw, c)
         x = torch.einsum("bfhwpqrc->bcfphqwr", x)
         return x.reshape(b, c, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+
+
+def meta_model(cfg: DiTConfig, dtype: torch.dtype) -> WanModel:
+    """The DiT of `cfg` on the meta device in the dtypes `load_transformer` gives it: the float32
+    islands (`keep_fp32`) float32, every other parameter `dtype`. For counting bytes: no storage."""
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if keep_fp32(name) else dtype)
+    return model
