@@ -91,7 +91,8 @@ def test_two_ranks_write_the_bytes_of_one_and_report_once(setup, tmp_path):
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(tool),  # not 29500: another session may hold it
+           "--main_process_port", str(free_port()),  # not 29500: another session may hold it
+           str(Path(__file__).with_name("clean_exit.py")), str(tool),  # and the group torn down at exit
            str(recipe), f"data.cache_dir={tmp_path / 'two'}", "--no-progress"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)  # a hang guard
     assert done.returncode == 0, done.stderr[-3000:]

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
+    from wantune.train.parallel import before_process_group
+
+    before_process_group()
     state = Accelerator()  # reads the launcher's settings (ACCELERATE_USE_CPU, ranks) like train.py
     try:
         fetch_model(recipe.model, CACHE_COMPONENTS, state)

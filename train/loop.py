@@ -36,6 +36,7 @@ def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    parallel.before_process_group()
     handlers = []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # CPU worlds of several processes need gloo (else each rank believes it is alone)
@@ -165,6 +166,16 @@ def compute_loss(model, batch, recipe: Recipe, empty_context, host_g, dev_g, dev
 
 
 def train(recipe: Recipe) -> dict:
+    """Train as the recipe says; the summary of the run (see the end of `_train`)."""
+    result = _set_up_and_train(recipe)
+    # DeepSpeed's engine and the accelerator hold each other (and the process groups) in
+    # reference cycles: collected here, once the run let go of them, the groups' threads are
+    # joined now and not while the interpreter shuts down
+    gc.collect()
+    return result
+
+
+def _set_up_and_train(recipe: Recipe) -> dict:
     acc = make_accelerator(recipe)
     eager_under_zero3(recipe, acc)
     out_dir = Path(recipe.run.output_dir)
@@ -335,6 +346,12 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
     del model, optimizer, loader, batches
     acc.free_memory()
     gc.collect()
+    if _is_deepspeed(acc) and acc.num_processes > 1:
+        import deepspeed.comm as ds_comm
+
+        # DeepSpeed's teardown also drops the group handles it caches (deepspeed.utils.groups),
+        # which would keep the group and its threads alive past accelerate's teardown below
+        ds_comm.destroy_process_group()
     acc.end_training()
     return result
 

@@ -9,6 +9,7 @@ gradient note in wan_model/sequence_parallel.py for why that yields one GPU's gr
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -35,6 +36,28 @@ class Layout:
 
     def groups(self) -> list[list[int]]:
         return [list(range(g * self.sp, (g + 1) * self.sp)) for g in range(self.dp_size)]
+
+
+def before_process_group() -> None:
+    """Call before the process group is created (before `Accelerator()`) in a run of several
+    processes.
+
+    Some libraries bind the default group into their functions' defaults when first imported
+    (`group=GroupMember.WORLD`: torch.distributed.nn, which torch._dynamo imports lazily, e.g. the
+    first time a model is built under `torch.device("meta")`; deepspeed.comm, which accelerate
+    imports). Imported after the group exists, they keep it alive past `destroy_process_group`,
+    so gloo's worker threads are still running when the interpreter exits, and one of them
+    releasing a tensor then aborts the process ("terminate called without an active exception")
+    after all its work is done, now and then. Imported first, their defaults are None and the
+    group is torn down at the end of the run (tests/clean_exit.py checks it on every run)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed.nn  # noqa: F401
+
+    try:
+        import deepspeed.comm  # noqa: F401
+    except ImportError:  # not installed: nothing imports it later either
+        pass
 
 
 def make_layout(rank: int, world: int, sp: int) -> Layout:
