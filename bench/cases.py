@@ -142,8 +142,14 @@ def fp8_gemm_cases() -> list[Case]:
     the 14B cases try every block, then 24, then 8 (the first that fits)."""
     fp8 = with_changes(FAST, base_dtype="fp8")
     gemm = with_changes(fp8, fp8_matmul=True)
+    exact = with_changes(gemm, fp8_fast_accum=False)  # the forward GEMMs without fast accumulation
     kept = (-1, 24, 8)
     return [
+        Case("lora-1.3B-81-fp8-gemm-exact", "ours", "1.3B LoRA r32 832x480x81, float8 GEMMs, exact "
+             "accumulation", settings=[exact], reference="lora-1.3B-81-fp8-gemm", estimate_s=110, default=False),
+        Case("lora-14B-81-fp8-gemm-exact", "ours", "14B LoRA r32 832x480x81, float8 GEMMs, exact accumulation",
+             flavour="t2v-14B", settings=[with_changes(exact, selective_blocks=n) for n in kept],
+             reference="lora-14B-81-fp8-gemm", estimate_s=170, default=False),
         Case("lora-1.3B-81-fp8-gemm", "ours", "1.3B LoRA r32 832x480x81, float8 GEMMs",
              settings=[gemm, with_changes(gemm, compile=False)], reference="ref-lora-1.3B-81-cudnn",
              estimate_s=110, default=False),

@@ -38,6 +38,7 @@ class StepSettings:
     selective_blocks: int = -1  # selective: blocks (from the first) whose self-attention is kept; -1 all
     base_dtype: str = "bf16"  # bf16 | fp8 (LoRA) ; full fine-tuning keeps fp32 master weights
     fp8_matmul: bool = False  # with base_dtype fp8: float8 GEMMs (train.fp8_matmul)
+    fp8_fast_accum: bool = True  # their forward accumulation (train.fp8_fast_accum)
     block_swap: int = 0
     segments: bool = False  # full checkpointing recomputed a segment at a time (train.checkpoint_segments)
     compile: bool = False
@@ -58,7 +59,8 @@ class StepSettings:
             if self.segments:
                 parts[-1] += "+segments"
             if self.mode == "lora":
-                parts.append(f"base={self.base_dtype}" + ("+fp8-gemm" if self.fp8_matmul else ""))
+                parts.append(f"base={self.base_dtype}" + ("+fp8-gemm" if self.fp8_matmul else "")
+                             + ("(exact)" if self.fp8_matmul and not self.fp8_fast_accum else ""))
             if self.block_swap:
                 parts.append(f"swap={self.block_swap}")
         parts.append("compile" if self.compile else "eager")
@@ -98,6 +100,7 @@ def to_recipe(s: StepSettings) -> Recipe:
     t.block_swap = s.block_swap
     t.base_dtype = s.base_dtype if s.mode == "lora" else "fp32"
     t.fp8_matmul = s.fp8_matmul
+    t.fp8_fast_accum = s.fp8_fast_accum or not s.fp8_matmul
     t.checkpoint_segments = s.segments
     return r
 

@@ -287,8 +287,37 @@ def test_trainer_builds_fp8_matmul_only_on_an_fp8_lora_base():
     t.base_dtype, t.fp8_matmul = "fp8", True
     model, _ = build_model(r, "cpu", load=load)
     f8 = [m for m in model.modules() if isinstance(m, FP8Linear)]
-    assert f8 and all(m.fp8_matmul for m in f8)
+    assert f8 and all(m.fp8_matmul and m.fast_accum for m in f8)
+    t.fp8_fast_accum = False
+    model, _ = build_model(r, "cpu", load=load)
+    assert not any(m.fast_accum for m in model.modules() if isinstance(m, FP8Linear))
     t.base_dtype = "bf16"
     assert any("train.fp8_matmul=true needs LoRA with train.base_dtype=fp8" in p for p in r.problems())
     t.base_dtype, t.fp8_matmul = "fp8", False
-    assert not any("fp8_matmul" in p for p in r.problems())
+    assert any("train.fp8_fast_accum=false only applies to float8 GEMMs" in p for p in r.problems())
+    t.fp8_fast_accum = True
+    assert not any("fp8" in p for p in r.problems())
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_fp8_matmul_accumulates_fast_in_forward_only(monkeypatch, fast):
+    """train.fp8_fast_accum: the forward float8 GEMM asks for the tensor cores' fast accumulation
+    (torchao's default), the input gradient's GEMM never does; off, neither does."""
+    calls = []
+    real = torch._scaled_mm
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("use_fast_accum"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    torch.manual_seed(0)
+    f8 = FP8Linear.from_linear(nn.Linear(64, 32).requires_grad_(False), fp8_matmul=True, fast_accum=fast)
+    x = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
+    y = f8(x)
+    assert calls == [fast]
+    y.float().sum().backward()
+    assert calls == [fast, False]
+    quantized = WanModel(CFG).requires_grad_(False)
+    quantize_linears_(quantized, fp8_matmul=True, fast_accum=fast)
+    assert {m.fast_accum for m in quantized.modules() if isinstance(m, FP8Linear)} == {fast}

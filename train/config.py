@@ -121,8 +121,12 @@ class TrainConfig:
                                  "bf16's rate on Hopper and Ada tensor cores). It rounds activations "
                                  "too, so it changes the numerics beyond fp8 storage (a 200-step loss "
                                  "curve stays within 0.7% of bf16's). Measured on an H200 (BENCHMARKS.md): "
-                                 "14B LoRA 8.99 s/step against 10.24 with fp8 storage alone and 11.30 "
-                                 "bf16; 1.3B 1.92 against 1.96 bf16. Off by default.")
+                                 "14B LoRA 8.69-8.72 s/step against 10.24 with fp8 storage alone and 11.30 "
+                                 "bf16; 1.3B 1.88-1.92 against 1.96 bf16. Off by default.")
+    fp8_fast_accum: bool = _f(True, "With fp8_matmul: the forward float8 GEMMs accumulate in the tensor "
+                                    "cores' fast mode (torchao's float8 default; the input gradient "
+                                    "always accumulates in full precision). false: full precision in "
+                                    "forward too.")
     gradient_checkpointing: Optional[bool] = _f(None, "Recompute block activations in backward "
                                                       "(saves memory); null = planned.")
     checkpoint_mode: Optional[str] = _f(None, "full (recompute whole blocks) or selective (keep "
@@ -267,6 +271,9 @@ class Recipe:
             out.append(f"train.fp8_matmul=true needs LoRA with train.base_dtype=fp8 (now mode {t.mode}, "
                        f"base_dtype {t.base_dtype}): the float8 GEMMs multiply the float8 base weights; "
                        "set train.base_dtype=fp8 or train.fp8_matmul=false")
+        if not t.fp8_fast_accum and not t.fp8_matmul:
+            out.append("train.fp8_fast_accum=false only applies to float8 GEMMs: set train.fp8_matmul=true "
+                       "too, or leave fp8_fast_accum at its default")
         v = self.validation
         if v.width % 16 or v.height % 16:
             out.append(f"validation.width/height={v.width}x{v.height}: must be multiples of 16 "
