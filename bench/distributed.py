@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     from wantune.bench.run import Options, build_direct, flavour_name, resolve_settings, size_of
     from wantune.bench.steps import StepSettings, build_step, make_batch
     from wantune.bench.timing import peak_memory, reset_memory, time_steps
-    from wantune.train.parallel import enable, make_layout
+    from wantune.train.parallel import before_process_group, enable, make_layout
     from wan_model.configs import get_flavour
     from wan_model.flops import forward_flops, step_flops
 
@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    before_process_group()  # so that the group is torn down at the end (see there)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
