@@ -76,6 +76,43 @@ def test_cache_tool_exit_status(setup, tmp_path, capsys):
     assert "nothing usable" in capsys.readouterr().err
 
 
+def test_cache_tool_sets_up_its_processes_as_the_trainer(setup, monkeypatch):
+    """The cache tool's Accelerator comes from train.parallel.make_accelerator (the early
+    imports, gloo on CPU, the 2-hour collective timeout): with torch's 10-minute NCCL default,
+    ranks waiting while the main process downloads the text encoder were stopped."""
+    from wantune.train import parallel
+
+    class Made(Exception):
+        pass
+
+    def made(*args, **kwargs):
+        raise Made
+
+    monkeypatch.setattr(parallel, "make_accelerator", made)
+    with pytest.raises(Made):
+        cache_tool.main([str(setup[1]), "--no-progress"])
+
+
+def test_several_processes_get_gloo_on_cpu_and_the_long_collective_timeout(monkeypatch):
+    from datetime import timedelta
+
+    import accelerate
+
+    from wantune.train import parallel
+
+    seen = {}
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kw: seen.update(kw) or "made")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert parallel.make_accelerator("bf16", 3) == "made"
+    (handler,) = seen["kwargs_handlers"]
+    assert handler.backend == "gloo" and handler.timeout == timedelta(hours=2)
+    assert seen["mixed_precision"] == "bf16" and seen["gradient_accumulation_steps"] == 3
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    parallel.make_accelerator()
+    assert seen["kwargs_handlers"] == [] and seen["mixed_precision"] == "no"
+
+
 @pytest.mark.slow
 def test_two_ranks_write_the_bytes_of_one_and_report_once(setup, tmp_path):
     import json

@@ -37,13 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = recipe.data
 
-    from accelerate import Accelerator
     from accelerate.utils import gather_object
 
-    from wantune.train.parallel import before_process_group
+    from wantune.train.parallel import make_accelerator
 
-    before_process_group()
-    state = Accelerator()  # reads the launcher's settings (ACCELERATE_USE_CPU, ranks) like train.py
+    state = make_accelerator()  # the launcher's settings (ACCELERATE_USE_CPU, ranks), as train.py
     try:
         fetch_model(recipe.model, CACHE_COMPONENTS, state)
         i2v, problems = data_problems(recipe.model, cfg, CACHE_COMPONENTS)

@@ -5,7 +5,6 @@ import gc
 import json
 import os
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -24,27 +23,6 @@ from .preflight import preflight
 from .tracking import Tracker, check_finite
 
 BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
-
-
-# Work done by the main process alone (the corpus scan, previews, exports, a universal checkpoint
-# conversion) keeps the other ranks waiting in a collective; NCCL's 10-minute default would stop
-# a healthy run. A rank that dies is still noticed at once: the launcher stops the others.
-COLLECTIVE_TIMEOUT = timedelta(hours=2)
-
-
-def make_accelerator(recipe: Recipe):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    parallel.before_process_group()
-    handlers = []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # CPU worlds of several processes need gloo (else each rank believes it is alone)
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=COLLECTIVE_TIMEOUT))
-    mp = "bf16" if recipe.train.mixed_precision == "bf16" else "no"
-    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=recipe.train.grad_accum,
-                       kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
 
 
 def batch_generators(seed: int, stream_index: int, device, shard: int = 0) -> tuple:
@@ -176,7 +154,7 @@ def train(recipe: Recipe) -> dict:
 
 
 def _set_up_and_train(recipe: Recipe) -> dict:
-    acc = make_accelerator(recipe)
+    acc = parallel.make_accelerator(recipe.train.mixed_precision, recipe.train.grad_accum)
     eager_under_zero3(recipe, acc)
     out_dir = Path(recipe.run.output_dir)
     if acc.is_main_process and recipe.demo.enabled:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import re
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,32 @@ def before_process_group() -> None:
         import deepspeed.comm  # noqa: F401
     except ImportError:  # not installed: nothing imports it later either
         pass
+
+
+# Work done by the main process alone (the corpus scan, previews, exports, a universal checkpoint
+# conversion, a model download before caching) keeps the other ranks waiting in a collective;
+# NCCL's 10-minute default would stop a healthy run. A rank that dies is still noticed at once:
+# the launcher stops the others.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
+
+
+def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1):
+    """The run's Accelerator (train.py and tools/cache.py): the launcher's settings, the early
+    imports of `before_process_group`, gloo on CPU and the long collective timeout when several
+    processes run. `mixed_precision` is train.mixed_precision ("bf16" or anything else: none)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    before_process_group()
+    handlers = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # CPU worlds of several processes need gloo (else each rank believes it is alone)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=COLLECTIVE_TIMEOUT))
+    return Accelerator(mixed_precision="bf16" if mixed_precision == "bf16" else "no",
+                       gradient_accumulation_steps=grad_accum, kwargs_handlers=handlers,
+                       step_scheduler_with_optimizer=False)
 
 
 def make_layout(rank: int, world: int, sp: int) -> Layout:
