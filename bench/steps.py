@@ -91,7 +91,7 @@ def to_recipe(s: StepSettings) -> Recipe:
     t.optim.lr, t.optim.weight_decay = s.lr, 0.01
     r.lora.rank, r.lora.alpha, r.lora.targets = s.lora_rank, float(s.lora_rank), list(s.targets)
     if s.planned:
-        return r
+        return _as_the_trainer_checks(r, s)
     t.memory = "off"
     t.gradient_checkpointing = s.checkpointing != "none"
     t.checkpoint_mode = "selective" if s.checkpointing == "selective" else "full"
@@ -100,8 +100,17 @@ def to_recipe(s: StepSettings) -> Recipe:
     t.block_swap = s.block_swap
     t.base_dtype = s.base_dtype if s.mode == "lora" else "fp32"
     t.fp8_matmul = s.fp8_matmul
-    t.fp8_fast_accum = s.fp8_fast_accum or not s.fp8_matmul
+    t.fp8_fast_accum = s.fp8_fast_accum
     t.checkpoint_segments = s.segments
+    return _as_the_trainer_checks(r, s)
+
+
+def _as_the_trainer_checks(r: Recipe, s: StepSettings) -> Recipe:
+    """`r`, or a ValueError with the train section's problems the trainer would refuse it for
+    (the model and data sections are filled in by the bench)."""
+    problems = [p for p in r.problems() if p.startswith("train.")]
+    if problems:
+        raise ValueError(f"bench settings {s.label()}: the trainer refuses them: {'; '.join(problems)}")
     return r
 
 

@@ -78,6 +78,20 @@ def test_headline_cases_time_what_the_shipped_recipes_run(case, recipe):
     assert s.base_dtype == "bf16" or r.train.base_dtype == s.base_dtype
 
 
+def test_every_case_is_a_recipe_the_trainer_accepts_and_refusals_are_not_smoothed_over():
+    """Every case's settings pass the trainer's checks of the train section; settings it would
+    refuse stop the bench with its message (they were once silently changed into others)."""
+    from wantune.bench.steps import StepSettings, to_recipe
+
+    for c in all_cases():
+        for s in c.settings or []:
+            to_recipe(s)
+    with pytest.raises(ValueError, match="fp8_fast_accum=false only applies to float8 GEMMs"):
+        to_recipe(StepSettings(mode="lora", base_dtype="fp8", fp8_matmul=False, fp8_fast_accum=False))
+    with pytest.raises(ValueError, match="train.mode='nonsense'"):
+        to_recipe(StepSettings(mode="nonsense", planned=True))
+
+
 def test_case_selection():
     cases = all_cases()
     names = [c.name for c in select(cases, "default")]
