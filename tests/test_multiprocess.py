@@ -145,8 +145,7 @@ def test_deepspeed_state_moves_to_another_number_of_processes(workdir, straight,
     launch(workdir, out, before, cfg, **{"train.max_steps": 2, "train.grad_accum": 2 // before})
     written = sorted(p.relative_to(workdir / out) for p in (workdir / out / "step-2").rglob("*"))
     assert (workdir / out / "step-2" / "deepspeed" / "pytorch_model").is_dir()  # ZeRO partitions
-    # ZeRO-3's partitioned parameters keep their group alive past the run (not torn down yet)
-    done = launch(workdir, out, after, cfg, check_exit=stage != 3,
+    done = launch(workdir, out, after, cfg,
                   **{"checkpoint.resume": "latest", "train.grad_accum": 2 // after})
     assert f"written by {before} rank(s), continued by {after}" in done.stdout
     got, (ref_loss, ref_keys) = losses(workdir, out), straight

@@ -321,6 +321,8 @@ def _train(recipe: Recipe, acc, scanned, estimate) -> dict:
               "seconds": elapsed, "step_times": tracker.step_times,
               "preview_times": tracker.preview_times, "main_process": acc.is_main_process}
     acc.wait_for_everyone()
+    if _is_deepspeed(acc):
+        _release_deepspeed(model)
     del model, optimizer, loader, batches
     acc.free_memory()
     gc.collect()
@@ -371,6 +373,28 @@ def _previewer(recipe: Recipe, acc, model, out_dir: Path, corpus_clip: str):
 def _zero_stage(acc) -> int:
     """DeepSpeed ZeRO's stage for this run, 0 without DeepSpeed."""
     return acc.state.deepspeed_plugin.zero_stage if _is_deepspeed(acc) else 0
+
+
+def _release_deepspeed(engine) -> None:
+    """DeepSpeed's own teardown of the engine (its hooks), then the two module-level references
+    through which ZeRO-3 kept the model after it: the top module on `FWD_MODULE_STACK` (pushed at
+    set-up, never popped) and the coordinator's `lru_cache` on `__params_to_release` (its keys
+    hold the coordinator and the modules). Through them the partitioned parameters, and through
+    their `ds_process_group` the process group, outlived the run, and its gloo threads could
+    abort the process at exit (tests/test_multiprocess.py's ZeRO-3 resume on 2 processes checks
+    it). Both are looked up defensively: another DeepSpeed version without them is left alone."""
+    engine.destroy()
+    from deepspeed.runtime.zero import parameter_offload
+
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+    if stack is not None:
+        ours = {id(m) for m in engine.module.modules()}
+        stack[:] = [m for m in stack if id(m) not in ours]
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as ppc
+
+    release = getattr(ppc, "_PartitionedParameterCoordinator__params_to_release", None)
+    for cell in getattr(release, "__closure__", None) or ():
+        getattr(cell.cell_contents, "cache_clear", lambda: None)()
 
 
 def _is_deepspeed(acc) -> bool:
