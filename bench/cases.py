@@ -37,6 +37,7 @@ class Case:
     fused_vae: bool = True  # vae-ours: norm+SiLU compiled (as data/cache.py runs it on a GPU)
     vae_chunk: int = 1  # vae-ours: latent frames per causal chunk (WanVAE.set_chunks)
     fp8_matmul: bool = False  # sample-ours: block Linears as float8 weights and float8 GEMMs
+    attention: str = "auto"  # sample-ours: the attention backend ("auto" here: cuDNN first)
     estimate_s: float = 30.0  # rough H100 cost incl. model setup, for --time-budget
     default: bool = True
     processes: int = 1  # ours on several GPUs of the host (bench/distributed.py): DDP over them...
@@ -110,7 +111,7 @@ def all_cases() -> list[Case]:
         Case("sample-diffusers", "sample-diffusers", "diffusers WanPipeline, 1.3B, 832x480x81, UniPC + CFG 5",
              estimate_s=20),
     ]
-    cases += lever_cases() + sequence_parallel_cases()
+    cases += lever_cases() + sequence_parallel_cases() + fa4_cases()
     return cases
 
 
@@ -162,6 +163,35 @@ def fp8_gemm_cases() -> list[Case]:
     ]
 
 
+def fa4_cases() -> list[Case]:
+    """FlashAttention 4 (attention backend "fa4") as the one lever changed from a case above,
+    against the same references: the fast path, float8 GEMMs, the 14B (as shipped and with the
+    fp8 base), the full fine-tune and the sampler. Needs `flash-attn-4` on a Hopper GPU."""
+    fa4 = with_changes(FAST, attention="fa4")
+    gemm = with_changes(fa4, base_dtype="fp8", fp8_matmul=True)
+    full = StepSettings(mode="full", attention="fa4", checkpointing="selective", compile=True)
+    return [
+        Case("lora-1.3B-81-fa4", "ours", "1.3B LoRA r32 832x480x81, FlashAttention 4", settings=[fa4],
+             reference="ref-lora-1.3B-81-cudnn", estimate_s=110, default=False),
+        Case("lora-1.3B-81-fp8-gemm-fa4", "ours", "1.3B LoRA r32 832x480x81, float8 GEMMs, FlashAttention 4",
+             settings=[gemm], reference="ref-lora-1.3B-81-cudnn", estimate_s=110, default=False),
+        Case("lora-14B-81-fa4", "ours", "14B LoRA r32 832x480x81, FlashAttention 4", flavour="t2v-14B",
+             settings=[with_changes(fa4, selective_blocks=8)], reference="ref-lora-14B-81-cudnn",
+             estimate_s=170, default=False),
+        Case("lora-14B-81-fp8-gemm-fa4", "ours", "14B LoRA r32 832x480x81, float8 GEMMs, FlashAttention 4",
+             flavour="t2v-14B", settings=[with_changes(gemm, selective_blocks=n) for n in (-1, 24, 8)],
+             reference="ref-lora-14B-81-cudnn", estimate_s=170, default=False),
+        Case("full-1.3B-81-fa4", "ours", "1.3B full fine-tune 832x480x81, FlashAttention 4",
+             settings=[full], reference="full-1.3B-81", estimate_s=70, default=False),
+        Case("sample-ours-fa4", "sample-ours", "our sampler, 1.3B, 832x480x81, UniPC + CFG 5, "
+             "FlashAttention 4", reference="sample-diffusers-cudnn", attention="fa4", estimate_s=20,
+             default=False),
+        Case("sample-ours-fp8-fa4", "sample-ours", "our sampler, 1.3B, 832x480x81, UniPC + CFG 5, float8 "
+             "weights and GEMMs in the blocks, FlashAttention 4", reference="sample-diffusers-cudnn",
+             fp8_matmul=True, attention="fa4", estimate_s=20, default=False),
+    ]
+
+
 def tier_cases() -> list[Case]:
     """What each card size runs, as the planner sets it up: 832x480x81, rank 32, under a cap."""
     tiers = [("lora-1.3B-81-8G", "t2v-1.3B", 8, 50), ("lora-1.3B-81-12G", "t2v-1.3B", 12, 45),
@@ -183,6 +213,7 @@ def lever_cases() -> list[Case]:
         "attn-efficient": with_changes(base, attention="efficient"),
         "attn-flash_attn": with_changes(base, attention="flash_attn"),
         "attn-sdpa-default": with_changes(base, attention="sdpa"),
+        "attn-fa4": with_changes(base, attention="fa4"),
         "ckpt-full": with_changes(base, checkpointing="full"),
         "ckpt-offload": with_changes(base, checkpointing="offload"),
         "ckpt-none": with_changes(base, checkpointing="none"),

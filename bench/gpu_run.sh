@@ -10,6 +10,8 @@
 #   bash bench/gpu_run.sh seqpar-tests     # 2 GPUs: sequence parallel equals one GPU (real sizes, trainer)
 #   bash bench/gpu_run.sh tiers [args...]  # the memory tiers; with 2 GPUs in two queues side by side
 #                                          # (~8 min): 1.3B tiers, I2V 24G | 14B LoRA 24G and 16G, caching
+#   bash bench/gpu_run.sh fa4-stash        # FlashAttention 4 in two calls on one warm machine (too
+#   bash bench/gpu_run.sh fa4-install      # big for one): bench/fa4_wheels.sh; later runs use it
 # Installs the wheels carried in .whl/ (see the device notes in bench/NOTES.md), then writes logs,
 # results JSON and the BENCHMARKS.md table under $OUT (default bench/out).
 set -uo pipefail
@@ -22,6 +24,15 @@ if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=$PWD/.site:$PWD
 else
   export PYTHONPATH=$PWD
+fi
+if [ "${1:-}" = fa4-stash ]; then cp .fa4a/libs_cu12.part.aa /tmp/ && exit 0; fi
+if [ "${1:-}" = fa4-install ]; then
+  cat /tmp/libs_cu12.part.aa .fa4b/libs_cu12.part.ab > "/tmp/$(cat .fa4b/libs_cu12.name)" || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target .site-fa4 "/tmp/$(cat .fa4b/libs_cu12.name)" .fa4b/*.whl
+  exit $?
+fi
+if [ -d .site-fa4 ]; then  # installed by `fa4-install` on this machine (its .pth is not read here)
+  export PYTHONPATH=$PYTHONPATH:$PWD/.site-fa4:$PWD/.site-fa4/nvidia_cutlass_dsl/dsl_packages
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"

@@ -64,6 +64,7 @@ def environment(device: torch.device, repo: Path) -> dict:
         "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "torch": torch.__version__, "diffusers": _version("diffusers"), "peft": _version("peft"),
         "transformers": _version("transformers"), "flash_attn": _version("flash_attn") or _version("flash_attn_3"),
+        "flash_attn_4": _version("flash-attn-4"), "nvidia_cutlass_dsl": _version("nvidia-cutlass-dsl"),
         "python": sys.version.split()[0], "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "commit": _commit(repo), "command": portable(" ".join(sys.argv), repo),
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),

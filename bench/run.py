@@ -126,7 +126,7 @@ def resolve_settings(s: StepSettings, opts: Options) -> StepSettings:
         s = replace(s, compile=False)
     elif opts.compile == "on":
         s = replace(s, compile=True)
-    if opts.device.type != "cuda" and s.attention in ("cudnn", "flash", "efficient", "flash_attn"):
+    if opts.device.type != "cuda" and s.attention in ("cudnn", "flash", "efficient", "flash_attn", "fa4"):
         s = replace(s, attention="sdpa")  # the CUDA kernels do not exist on the CPU
     if opts.tiny and s.block_swap:
         s = replace(s, block_swap=min(s.block_swap, get_flavour("tiny-t2v").dit.num_layers))
@@ -275,7 +275,7 @@ def run_sample(case: Case, opts: Options, ours: bool) -> dict:
             from wan_model.fp8 import quantize_linears_
 
             quantize_linears_(model, fp8_matmul=True)
-        set_attention("auto")
+        set_attention(case.attention if opts.device.type == "cuda" else "auto")  # CUDA kernels
         if opts.compile == "on" or (opts.compile == "auto" and opts.device.type == "cuda"):
             model.compile_blocks()  # as tools/sample.py --compile; the warm-up run compiles
 

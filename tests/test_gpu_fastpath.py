@@ -137,3 +137,59 @@ def test_fp8_gemm_200_step_loss_curve_follows_bf16():
           f"last-50 mean {end_a:.5f} vs {end_b:.5f}")
     assert rel.median() < 0.05 and rel.max() < 0.25, rel
     assert abs(end_a - end_b) / end_b < 0.02, (end_a, end_b)
+
+
+FA4 = with_changes(FAST, attention="fa4")
+
+
+def fa4_calls() -> dict:
+    """The counts of calls into FlashAttention 4's forward and backward (wan_model.attention's
+    adapters, which torch's bridge calls), zeroed."""
+    problem = attention.fa4_problem("cuda")
+    if problem:
+        pytest.skip(f"FlashAttention 4 cannot run here: {problem}")
+    attention.fa4_calls.update(forward=0, backward=0)
+    return attention.fa4_calls
+
+
+def test_fa4_fast_path_matches_plain(plain):
+    """attention_backend fa4 (FlashAttention 4 behind SDPA's flash op), compiled blocks, selective
+    checkpointing: the plain path's loss and gradients, and its kernels really ran: per block the
+    self-attention forward once (kept, not recomputed), the cross-attention forward twice
+    (recomputed in backward), both backwards."""
+    fa4_calls()
+    step = make_step(FA4)
+    calls = fa4_calls()
+    loss = step.loss()
+    loss.backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in step.model.named_parameters() if p.requires_grad}
+    assert attention.kernel() == "fa4"
+    rel_loss, rel_grad, cos = compare((loss.item(), grads), plain)
+    print(f"fa4 vs plain: loss {rel_loss:.2e}, gradients {rel_grad:.2e} (cos {cos:.6f}); calls {calls}")
+    assert rel_loss < 1e-2, rel_loss
+    assert rel_grad < 3e-2 and cos > 0.999, (rel_grad, cos)
+    assert calls == {"forward": 3 * CFG.num_layers, "backward": 2 * CFG.num_layers}, calls
+
+
+def test_fa4_attention_is_as_exact_as_cudnn():
+    """The kernel alone, 12 heads x 8,192 tokens x 128: its output and input gradients differ from
+    float32 attention no more than cuDNN's do."""
+    calls = fa4_calls()
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 8192, 12, 128, device="cuda", generator=g).bfloat16().requires_grad_()
+               for _ in range(3))
+    dout = torch.randn(q.shape, device="cuda", generator=g).bfloat16()
+    with attention.use_backend("math"):
+        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+        out32 = attention.attention(q32, k32, v32)
+        ref = [out32.detach(), *torch.autograd.grad(out32, (q32, k32, v32), dout.float())]
+    errors = {}
+    for name in ("cudnn", "fa4"):
+        with attention.use_backend(name, "cuda"):
+            out = attention.attention(q, k, v)
+            got = [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
+        errors[name] = [((a.float() - b).norm() / b.norm()).item() for a, b in zip(got, ref)]
+    print("errors against float32 (out, dq, dk, dv):", errors)
+    assert calls == {"forward": 1, "backward": 1}, calls
+    for fa4_err, cudnn_err in zip(errors["fa4"], errors["cudnn"]):
+        assert fa4_err <= 1.1 * cudnn_err + 1e-4, errors

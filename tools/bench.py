@@ -76,6 +76,21 @@ def parse_args(argv):
 
 
 def run_case(case: Case, opts: Options, budget_left: float) -> dict:
+    """One case; a case that asks for FlashAttention 4 fails if its kernels never ran."""
+    from wan_model import attention
+
+    before = attention.fa4_calls["forward"]
+    out = _run_case(case, opts, budget_left)
+    ran = attention.fa4_calls["forward"] - before
+    asked = case.attention == "fa4" or any(s.attention == "fa4" for s in case.settings)
+    if asked and opts.device.type == "cuda" and not ran:
+        raise RuntimeError(f"{case.name}: attention fa4 asked for, but FlashAttention 4 never ran")
+    if ran:
+        out["fa4_forward_calls"] = ran
+    return out
+
+
+def _run_case(case: Case, opts: Options, budget_left: float) -> dict:
     if case.kind == "matmul":
         return run_matmul(case, opts)
     if case.kind == "reference":

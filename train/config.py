@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from wantune.data.config import DataConfig
 from wantune.data.recipe import RecipeError, load_sections  # noqa: F401 (RecipeError: part of this API)
+from wan_model.attention import BACKENDS as ATTENTION_BACKENDS
 from wan_model.paths import ModelPaths
 
 DEFAULT_LORA_TARGETS = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
@@ -144,7 +145,9 @@ class TrainConfig:
                                                    "each such block; null = planned.")
     block_swap: Optional[int] = _f(None, "Blocks (from the last) whose frozen weights stay in host "
                                          "memory and are streamed to the GPU (0 = none); null = planned.")
-    attention_backend: str = _f("auto", "auto, sdpa, cudnn, flash, efficient, math or flash_attn.")
+    attention_backend: str = _f("auto", "auto (FlashAttention 4 where it is installed and runs: Hopper, "
+                                         "datacenter Blackwell; else cuDNN first), fa4, cudnn, sdpa, "
+                                         "flash, efficient, math or flash_attn.")
     compile: bool = _f(False, "torch.compile each transformer block.")
     sequence_parallel: int = _f(1, "GPUs that share each sample's tokens (DeepSpeed-Ulysses attention); "
                                    "the processes form data-parallel groups of this size. 1 = off. "
@@ -232,6 +235,7 @@ class Recipe:
                    ("train.memory", t.memory, ("auto", "off")),
                    ("train.base_dtype", t.base_dtype, BASE_DTYPES + (None,)),
                    ("train.checkpoint_mode", t.checkpoint_mode, ("full", "selective", None)),
+                   ("train.attention_backend", t.attention_backend, ATTENTION_BACKENDS),
                    ("train.timestep.sampling", t.timestep.sampling, TIMESTEP_SAMPLINGS),
                    ("train.timestep.loss_weighting", t.timestep.loss_weighting, LOSS_WEIGHTINGS),
                    ("train.optim.name", t.optim.name, OPTIMIZERS),

@@ -67,7 +67,7 @@ def build_model(recipe: Recipe, device, load=None):
         from wan_model.fp8 import quantize_linears_
 
         quantize_linears_(model, work_device=device, fp8_matmul=t.fp8_matmul, fast_accum=t.fp8_fast_accum)
-    attention.set_backend(t.attention_backend)
+    attention.set_backend(t.attention_backend, device)
     model.gradient_checkpointing = t.gradient_checkpointing
     model.checkpoint_mode = t.checkpoint_mode
     model.selective_blocks = t.selective_blocks

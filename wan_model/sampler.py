@@ -496,8 +496,8 @@ def place_dit(model, device, *, loras=(), fp8: bool = False, fp8_matmul: bool = 
     add the change to the scaled codes); with `fp8` its block Linears stored in float8 e4m3
     (`wan_model.fp8`; `fp8_matmul`: float8 GEMMs too), quantised on `device` a weight at a time
     for a model held on the host, as the trainer does; then placed: whole on `device`, or with
-    its last `block_swap` blocks in host memory, streamed in as they run (`wan_model.block_swap`).
-    Load it to the host when fp8 or block swap is asked for: only what stays resident then
+    its last `block_swap` blocks in host memory, streamed in as they run (`wan_model.block_swap`);
+    the attention kernel chosen for `device` (`attention.set_backend`). Load it to the host when fp8 or block swap is asked for: only what stays resident then
     reaches the device."""
     from .device_memory import free_memory
 
@@ -516,6 +516,9 @@ def place_dit(model, device, *, loras=(), fp8: bool = False, fp8_matmul: bool = 
         enable_block_swap(model, block_swap, device)
     else:
         model.to(device)
+    from . import attention
+
+    attention.set_backend(attention.get_backend(), device)  # "auto": FlashAttention 4 where it runs
     return model
 
 
