@@ -19,8 +19,8 @@ Backends:
 The choice is process-wide SDPA state, not a context manager around each call, so compiled
 blocks trace plain SDPA calls; with FlashAttention 4 routed, unmasked half-precision attention
 calls SDPA's flash op directly (on the GPU, some sampling runs found cuDNN first in the kernel
-order again by their first attention call; what reset it was not found). A key-padding mask is built only where some key is padding (SDPA
-then skips the flash kernel for the next in its order).
+order again by their first attention call; what reset it was not found). A key-padding mask is
+built only where some key is padding (SDPA then takes the next kernel in its order).
 """
 from __future__ import annotations
 
