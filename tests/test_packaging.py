@@ -107,6 +107,38 @@ def test_quiet_hides_only_the_listed_notices():
         logger.filters[:] = before
 
 
+@pytest.mark.parametrize("index", [0, 1])
+def test_quiet_hides_only_the_listed_warnings(index):
+    import warnings
+
+    from wan_model import quiet
+
+    category, module, start = quiet.WARNED[index]
+    source = module.replace("\\.", ".")  # the module that warns, e.g. cutlass.base_dsl.dsl
+    text = start + " (the rest of that notice)"
+
+    def warn(message, where=source):  # as that module's own warnings.warn
+        warnings.warn_explicit(message, category, "where.py", 1, module=where, registry={})
+
+    before = list(warnings.filters)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            quiet.quiet_third_party()
+            quiet.quiet_third_party()  # twice installs each filter once
+            warn(text)
+            warn("Another notice of that module")
+            warn(text, where="somebody.else")  # the same text from another library
+            assert len(quiet._installed_warning_filters) == len(quiet.WARNED)
+            quiet.quiet_third_party(verbose=True)
+            warn(text)
+        # hidden: only the listed text from the listed module, and only until verbose
+        assert [str(w.message) for w in seen] == ["Another notice of that module", text, text]
+        assert quiet._installed_warning_filters == []
+    finally:
+        warnings.filters[:] = before
+
+
 @pytest.mark.parametrize("extra, hidden", [([], True), (["--verbose"], False), (["run.log_level=verbose"], False)])
 def test_train_command_hides_notices_unless_verbose(monkeypatch, extra, hidden):
     from wantune.train import cli, loop

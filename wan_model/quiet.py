@@ -9,6 +9,8 @@ a library changes nothing; only the commands call `quiet_third_party`.
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 
 
 class _DropMessages(logging.Filter):
@@ -37,6 +39,21 @@ LOGGED = [
 ]
 
 
+# (warning category, module that warns (a regex), message start, why it asks nothing of the user)
+WARNED = [
+    # CuTe DSL, FlashAttention 4's compiler, notes each time it compiles one of FlashAttention 4's
+    # kernels (a few per process) that an argument of FlashAttention 4's own kernel class is
+    # passed as a plain Python object; the kernels compile and are exact
+    # (tests/test_gpu_fastpath.py -k fa4), the note is for FlashAttention 4's developers.
+    (UserWarning, r"cutlass\.base_dsl\.dsl", "Argument aux_data (position"),
+    # Routing SDPA's flash ops to FlashAttention 4 (attention backend fa4, or auto on Hopper)
+    # registers kernels over torch's own for them, which is the point; torch says so once per
+    # process, in several lines that read like an error.
+    (UserWarning, r"torch\.library", "Warning only once for all operators"),
+]
+_installed_warning_filters: list = []
+
+
 def quiet_third_party(verbose: bool = False) -> None:
     """Hide the notices listed above, or with `verbose` show them again. Call before the
     libraries load (some notices come at import)."""
@@ -46,3 +63,12 @@ def quiet_third_party(verbose: bool = False) -> None:
             logger.removeFilter(f)
         if not verbose:
             logger.addFilter(_DropMessages(*starts))
+    for entry in _installed_warning_filters:
+        if entry in warnings.filters:
+            warnings.filters.remove(entry)
+    _installed_warning_filters.clear()
+    if not verbose:
+        for category, module, start in WARNED:
+            warnings.filterwarnings("ignore", message=re.escape(start), category=category, module=module)
+            _installed_warning_filters.append(warnings.filters[0])
+    getattr(warnings, "_filters_mutated", lambda: None)()  # a removed filter stops applying
