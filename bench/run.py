@@ -268,13 +268,11 @@ def run_sample(case: Case, opts: Options, ours: bool) -> dict:
     ctx = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g, device=opts.device).to(torch.bfloat16)
     neg = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g, device=opts.device).to(torch.bfloat16)
     if ours:
-        from wan_model.sampler import sample
+        from wan_model.sampler import place_dit, sample
 
-        model = dit_loader(opts, flavour)(torch.bfloat16, opts.device)
-        if case.fp8_matmul:
-            from wan_model.fp8 import quantize_linears_
-
-            quantize_linears_(model, fp8_matmul=True)
+        # placed as `wantune sample` places it; then the case's own attention kernel
+        model = place_dit(dit_loader(opts, flavour)(torch.bfloat16, opts.device), opts.device,
+                          fp8_matmul=case.fp8_matmul)
         set_attention(case.attention if opts.device.type == "cuda" else "auto")  # CUDA kernels
         if opts.compile == "on" or (opts.compile == "auto" and opts.device.type == "cuda"):
             model.compile_blocks()  # as tools/sample.py --compile; the warm-up run compiles
