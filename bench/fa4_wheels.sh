@@ -18,5 +18,5 @@ rm -rf .fa4a .fa4b && mkdir -p .fa4a .fa4b
 split -b 58000000 "$tmp"/nvidia_cutlass_dsl_libs_cu12-*.whl .fa4a/libs_cu12.part.
 mv .fa4a/libs_cu12.part.ab .fa4b/
 basename "$tmp"/nvidia_cutlass_dsl_libs_cu12-*.whl > .fa4b/libs_cu12.name
-mv "$tmp"/*.whl .fa4b/ && rm .fa4b/nvidia_cutlass_dsl_libs_cu12-*.whl && rm -rf "$tmp"
+rm "$tmp"/nvidia_cutlass_dsl_libs_cu12-*.whl && mv "$tmp"/*.whl .fa4b/ && rm -rf "$tmp"
 du -sh .fa4a .fa4b

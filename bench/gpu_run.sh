@@ -18,18 +18,21 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT/results"
+# FlashAttention 4 in two calls (bench/fa4_wheels.sh): the first keeps the runtime wheel's first
+# part in .fa4-parts/ (ignored, so it stays on the warm machine), the second joins and installs it
+if [ "${1:-}" = fa4-stash ]; then mkdir -p .fa4-parts && cp .fa4a/libs_cu12.part.aa .fa4-parts/; exit $?; fi
+if [ "${1:-}" = fa4-install ]; then
+  wheel=.fa4-parts/$(cat .fa4b/libs_cu12.name)
+  cat .fa4-parts/libs_cu12.part.aa .fa4b/libs_cu12.part.ab > "$wheel" || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target .site-fa4 "$wheel" .fa4b/*.whl
+  exit $?
+fi
 WHEELS=${WHEELS:-.whl}  # e.g. WHEELS=.whl-bench: a subset that fits the carry limit beside PyAV
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site "$WHEELS"/*.whl || exit 1
   export PYTHONPATH=$PWD/.site:$PWD
 else
   export PYTHONPATH=$PWD
-fi
-if [ "${1:-}" = fa4-stash ]; then cp .fa4a/libs_cu12.part.aa /tmp/ && exit 0; fi
-if [ "${1:-}" = fa4-install ]; then
-  cat /tmp/libs_cu12.part.aa .fa4b/libs_cu12.part.ab > "/tmp/$(cat .fa4b/libs_cu12.name)" || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --target .site-fa4 "/tmp/$(cat .fa4b/libs_cu12.name)" .fa4b/*.whl
-  exit $?
 fi
 if [ -d .site-fa4 ]; then  # installed by `fa4-install` on this machine (its .pth is not read here)
   export PYTHONPATH=$PYTHONPATH:$PWD/.site-fa4:$PWD/.site-fa4/nvidia_cutlass_dsl/dsl_packages
