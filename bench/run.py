@@ -270,10 +270,11 @@ def run_sample(case: Case, opts: Options, ours: bool) -> dict:
     if ours:
         from wan_model.sampler import place_dit, sample
 
-        # placed as `wantune sample` places it; then the case's own attention kernel
+        # the case's attention kernel, then placed as `wantune sample` places it (which keeps the
+        # backend and resolves it for the device)
+        set_attention(case.attention if opts.device.type == "cuda" else "auto")  # CUDA kernels
         model = place_dit(dit_loader(opts, flavour)(torch.bfloat16, opts.device), opts.device,
                           fp8_matmul=case.fp8_matmul)
-        set_attention(case.attention if opts.device.type == "cuda" else "auto")  # CUDA kernels
         if opts.compile == "on" or (opts.compile == "auto" and opts.device.type == "cuda"):
             model.compile_blocks()  # as tools/sample.py --compile; the warm-up run compiles
 

@@ -497,8 +497,8 @@ def place_dit(model, device, *, loras=(), fp8: bool = False, fp8_matmul: bool = 
     (`wan_model.fp8`; `fp8_matmul`: float8 GEMMs too), quantised on `device` a weight at a time
     for a model held on the host, as the trainer does; then placed: whole on `device`, or with
     its last `block_swap` blocks in host memory, streamed in as they run (`wan_model.block_swap`);
-    the attention kernel chosen for `device` (`attention.set_backend`). Load it to the host when fp8 or block swap is asked for: only what stays resident then
-    reaches the device."""
+    the attention kernel chosen for `device` (`attention.set_backend`). Load it to the host when
+    fp8 or block swap is asked for: only what stays resident then reaches the device."""
     from .device_memory import free_memory
 
     if loras:
