@@ -280,7 +280,8 @@ def run_sample(case: Case, opts: Options, ours: bool) -> dict:
 
         def run(n):
             return sample(model, [ctx[0]], [neg[0]], frames=f, height=h, width=w, steps=n, shift=5.0,
-                          guidance=5.0, device=opts.device, dtype=torch.bfloat16, progress=False)
+                          guidance=5.0, device=opts.device, dtype=torch.bfloat16, progress=False,
+                          cfg_batch=case.cfg_batch)
     else:
         from wantune.bench.reference import build_pipeline, build_transformer, pipeline_latents
 
@@ -289,13 +290,19 @@ def run_sample(case: Case, opts: Options, ours: bool) -> dict:
 
         def run(n):
             return pipeline_latents(pipe, ctx, neg, w, h, f, steps=n)
+    batches = []  # the batch each DiT forward ran (ours): 2 where cond and uncond share one forward
+    if ours:
+        hook = model.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
     reset_memory(opts.device)
     run(2)  # warm-up: kernels, cuDNN plans, allocator
+    if ours:
+        hook.remove()
     sync(opts.device)
     total = time_call(lambda: run(steps), opts.device)
     step_s = total / steps
     profiled = profile(lambda: run(1), case, opts)
     fwd = forward_flops(cfg, w, h, f)
     flops = sampling_flops(fwd, steps)
-    return {"kind": "sample", **profiled, "steps": steps, "total_s": total, "step_s": step_s,
+    seen = {"dit_batches": sorted(set(batches)), "cfg_batch": case.cfg_batch} if ours else {}
+    return {"kind": "sample", **profiled, **seen, "steps": steps, "total_s": total, "step_s": step_s,
             "est_50_steps_s": 50 * step_s, "tflops": flops / total / 1e12, **peak_memory(opts.device)}

@@ -120,7 +120,7 @@ def test_tiny_run_writes_json_table_and_markdown(tmp_path):
                 "vae-ours-chunk20", "cache-stage", "cache-8G", "train-previews", "vae-diffusers", "sample-ours",
                 "sample-ours-fp8",
                 "sample-diffusers-cudnn", "sample-diffusers", "sp2-lora-1.3B-81", "sample-ours-fa4",
-                "sample-ours-fp8-fa4"]
+                "sample-ours-fp8-fa4", "sample-ours-fp8-fa4-cfg2"]
     assert list(res["cases"]) == expected
     bad = {k: v.get("error") for k, v in res["cases"].items() if v["status"] != "ok"}
     assert not bad, bad
@@ -132,6 +132,8 @@ def test_tiny_run_writes_json_table_and_markdown(tmp_path):
     assert capped["settings"]["planned"] and capped["cap_gib"] == 24.0
     assert capped["plan"]["gradient_checkpointing"] is False  # the tiny model fits without recompute
     assert all(v["predicted_gib"] > 0 for v in res["cases"].values() if v.get("kind") == "train" and "plan" in v)
+    assert res["cases"]["sample-ours-fp8-fa4"]["dit_batches"] == [1]  # cond and uncond apart...
+    assert res["cases"]["sample-ours-fp8-fa4-cfg2"]["dit_batches"] == [2]  # ...or in one forward
     assert res["cases"]["sample-ours"]["est_50_steps_s"] == pytest.approx(50 * res["cases"]["sample-ours"]["step_s"])
     assert res["cases"]["vae-ours"]["clips_per_min"] > 0
     cache = res["cases"]["cache-stage"]

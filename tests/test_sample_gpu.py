@@ -2,7 +2,8 @@
 
 The float8 numerics guard for sampling: one seed, the 1.3B at 832x480x33, 50 UniPC steps with
 CFG 5 (random text embeddings, as the benchmark's sampling case), the final latents of --fp8
-(float8 weights) and of --fp8-matmul (float8 GEMMs too) against bf16's, as a PSNR. Then the
+(float8 weights), of --fp8-matmul (float8 GEMMs too) and of --fp8-matmul --cfg-batch (cond and
+uncond in one forward: the fastest path) against bf16's, as a PSNR. Then the
 peak memory of the staged load and sampling of the 1.3B at 832x480x81 with the default options
 (umT5-XXL, DiT and VAE at real size), and the 14B DiT placed with --fp8 from the host, through
 the code path the tool uses (`WanSampler.load_staged`, `place_dit`); last, README's table of
@@ -68,11 +69,11 @@ def sampling_case():
     ctx, neg = (torch.randn(cfg.text_len, cfg.text_dim, generator=g, device="cuda")
                 .to(torch.bfloat16) for _ in range(2))
 
-    def run(model):
+    def run(model, cfg_batch=False):
         # as WanSampler.generate calls it: no autocast, the DiT computes in its weights' dtype
         return sample(model, [ctx], [neg], frames=33, height=480, width=832, steps=50,
                       shift=5.0, guidance=5.0, solver="unipc", seed=0, device="cuda",
-                      progress=False)
+                      progress=False, cfg_batch=cfg_batch)
 
     with torch.no_grad():
         model = _dit("t2v-1.3B")
@@ -82,13 +83,14 @@ def sampling_case():
     return run, reference
 
 
-@pytest.mark.parametrize("option", ["--fp8", "--fp8-matmul"])
+@pytest.mark.parametrize("option", ["--fp8", "--fp8-matmul", "--fp8-matmul --cfg-batch"])
 def test_fp8_sampling_psnr_against_bf16(sampling_case, option):
-    if option == "--fp8-matmul" and torch.cuda.get_device_capability() < (8, 9):
+    if "--fp8-matmul" in option and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 GEMMs need compute capability 8.9 or newer")
     run, reference = sampling_case
     with torch.no_grad():
-        out = run(_dit("t2v-1.3B", fp8=True, fp8_matmul=option == "--fp8-matmul"))
+        out = run(_dit("t2v-1.3B", fp8=True, fp8_matmul="--fp8-matmul" in option),
+                  cfg_batch="--cfg-batch" in option)
     assert torch.isfinite(reference).all() and torch.isfinite(out).all()
     assert not torch.equal(out, reference)  # identical would mean fp8 was not applied
     value = psnr(out, reference)
