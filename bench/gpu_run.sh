@@ -42,7 +42,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 what=${1:-all}; shift || true
 rc=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -q -s -m gpu ${GPU_TESTS:-tests/test_gpu_memory.py tests/test_gpu_fastpath.py tests/test_vae.py tests/test_data_cache.py tests/test_small_cards_gpu.py tests/test_sample_gpu.py tests/test_sequence_parallel_gpu.py} 2>&1 | tee "$OUT/gpu_tests.log"
+  python3 -m pytest -q -s -m gpu ${GPU_TESTS:-tests/test_gpu_memory.py tests/test_gpu_fastpath.py tests/test_fp8_triton.py tests/test_vae.py tests/test_data_cache.py tests/test_small_cards_gpu.py tests/test_sample_gpu.py tests/test_sequence_parallel_gpu.py} 2>&1 | tee "$OUT/gpu_tests.log"
   rc=${PIPESTATUS[0]}
 fi
 if [ "$what" = seqpar-tests ]; then

@@ -30,6 +30,10 @@ Wan's shapes on an H200, the same error against the exact product at these sizes
 e4m3 rounding of the operands dominates); the input gradient keeps full-precision accumulation.
 `fast_accum=False` gives full precision in forward too.
 
+At inference the FFN's second Linear can take its input's GELU and quantisation as one Triton
+pass (`feed_forward`, `FP8Linear.fused_gelu`, `wan_model.fp8_triton`): Inductor's fused kernel
+reads each 8,960-wide hidden row twice and computes its tanh twice. Off until measured.
+
 Call `quantize_linears_(model)` after loading and before or after `add_lora`; do not call
 `model.to(dtype)` afterwards (it would cast the float8 weights like any float tensor).
 """
@@ -142,6 +146,26 @@ class FP8Gemm(torch.autograd.Function):
         return gx.reshape(*grad_out.shape[:-1], q.shape[1]), None, None, None, None
 
 
+def feed_forward(ffn: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
+    """`ffn(h)` for Wan's FFN (Linear, GELU tanh, Linear). When its second Linear is an FP8Linear
+    with float8 GEMMs and `fused_gelu`, no gradient is being recorded and Triton runs on h's
+    device, the GELU and that GEMM's per-token quantisation run as one pass over the hidden rows
+    (`wan_model.fp8_triton`); otherwise, and for any other FFN, it is `ffn(h)`."""
+    lin = ffn[2]
+    if (torch.is_grad_enabled() or type(lin) is not FP8Linear or not (lin.fused_gelu and lin.fp8_matmul)
+            or not isinstance(ffn[1], nn.GELU) or ffn[1].approximate != "tanh"):
+        return ffn(h)
+    from . import fp8_triton
+
+    u = ffn[0](h)
+    if not fp8_triton.available(u) or u.dtype not in (torch.bfloat16, torch.float16):
+        return lin(ffn[1](u))
+    with torch.autocast(u.device.type, enabled=False):  # as FP8Linear.forward
+        q, sx = fp8_triton.gelu_quantize_rows(u.reshape(-1, u.shape[-1]))
+        y = _gemm(q, sx, lin.weight.t(), lin.weight_scale[None, :].float(), u.dtype, lin.bias, lin.fast_accum)
+    return y.reshape(*u.shape[:-1], lin.out_features)
+
+
 def _compute_dtype_for(x: torch.Tensor, default: torch.dtype) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -162,6 +186,9 @@ class FP8Linear(nn.Linear):
                                    requires_grad=False)
         self.register_buffer("weight_scale", torch.ones(out_features, device=device))
         self.compute_dtype = compute_dtype
+        # the FFN's second Linear at inference: its input's GELU and quantisation as one Triton
+        # pass (`feed_forward`); off unless asked (`place_dit(..., fused_gelu=True)`)
+        self.fused_gelu = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16,

@@ -15,6 +15,7 @@ from torch import nn
 from . import checkpointing
 from .attention import attention
 from .configs import DiTConfig
+from .fp8 import feed_forward
 from .rope import RopeCache, apply_rope
 
 # Parameters kept in float32 when the rest of the model is loaded in bf16/fp16.
@@ -171,7 +172,7 @@ class WanAttentionBlock(nn.Module):
 
     def _ffn_part(self, x, m, compute_dtype):
         h = (self.norm2(x) * (1 + m[4]) + m[3]).to(compute_dtype)
-        return x + self.ffn(h).float() * m[5]
+        return x + feed_forward(self.ffn, h).float() * m[5]
 
 
 class Head(nn.Module):
