@@ -39,6 +39,7 @@ class Case:
     fp8_matmul: bool = False  # sample-ours: block Linears as float8 weights and float8 GEMMs
     attention: str = "cudnn"  # sample-ours: the attention backend (cuDNN first, as measured so far)
     cfg_batch: bool = False  # sample-ours: cond and uncond as one forward of batch 2 (`--cfg-batch`)
+    fused_gelu: bool = False  # sample-ours (fp8_matmul): the FFN's GELU + quantisation in one pass
     estimate_s: float = 30.0  # rough H100 cost incl. model setup, for --time-budget
     default: bool = True
     processes: int = 1  # ours on several GPUs of the host (bench/distributed.py): DDP over them...
@@ -194,6 +195,10 @@ def fa4_cases() -> list[Case]:
              "weights and GEMMs in the blocks, FlashAttention 4, cond + uncond in one batch-2 forward",
              reference="sample-diffusers-cudnn", fp8_matmul=True, attention="fa4", cfg_batch=True,
              estimate_s=20, default=False),
+        Case("sample-ours-fp8-fa4-cfg2-gelu", "sample-ours", "our sampler, 1.3B, 832x480x81, UniPC + CFG 5, "
+             "float8 weights and GEMMs in the blocks, FlashAttention 4, cond + uncond in one batch-2 forward, "
+             "the FFN's GELU + quantisation in one Triton pass", reference="sample-diffusers-cudnn",
+             fp8_matmul=True, attention="fa4", cfg_batch=True, fused_gelu=True, estimate_s=20, default=False),
     ]
 
 

@@ -76,17 +76,24 @@ def parse_args(argv):
 
 
 def run_case(case: Case, opts: Options, budget_left: float) -> dict:
-    """One case; a case that asks for FlashAttention 4 fails if its kernels never ran."""
-    from wan_model import attention
+    """One case; a case that asks for FlashAttention 4 or the fused GELU kernel fails on a GPU
+    if it never ran."""
+    from wan_model import attention, fp8_triton
 
     before = attention.fa4_calls["forward"]
+    fused_before = fp8_triton.calls["gelu_quantize_rows"]
     out = _run_case(case, opts, budget_left)
     ran = attention.fa4_calls["forward"] - before
+    fused = fp8_triton.calls["gelu_quantize_rows"] - fused_before
     asked = case.attention == "fa4" or any(s.attention == "fa4" for s in case.settings)
     if asked and opts.device.type == "cuda" and not ran:
         raise RuntimeError(f"{case.name}: attention fa4 asked for, but FlashAttention 4 never ran")
+    if case.fused_gelu and opts.device.type == "cuda" and not fused:
+        raise RuntimeError(f"{case.name}: the fused GELU kernel asked for, but it never ran")
     if ran:
         out["fa4_forward_calls"] = ran
+    if fused:
+        out["fused_gelu_calls"] = fused  # eager calls, or traces into the compiled blocks
     return out
 
 
