@@ -164,6 +164,18 @@ def test_quantize_tokens_rounds_each_row_to_e4m3():
     assert 0.005 < rel(back, xd) < 0.05
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantize_tokens_keeps_a_row_of_zeros_finite(dtype):
+    """A row of zeros (a masked token's gradient) quantises to zeros with a finite scale, in fp16
+    too, where 448 / 1e-12 is past the dtype's range."""
+    x = torch.randn(3, 32).to(dtype)
+    x[1] = 0
+    q, scale = quantize_tokens(x)
+    assert torch.isfinite(q.float()).all() and torch.isfinite(scale).all() and (scale > 0).all()
+    assert (q[1].float() == 0).all()
+    torch.testing.assert_close((q.float() * scale)[0], x[0].float(), rtol=0.07, atol=1e-3)
+
+
 def test_fp8_matmul_is_the_float8_gemm_of_per_token_inputs():
     """train.fp8_matmul: forward and input gradient as float8 GEMMs, checked against float64
     products of the quantised operands (a scale applied on the wrong side, or missed, is off by

@@ -100,9 +100,12 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x's dtype (bf16 in training: no float32 copy of the activations), with the row's factor
     448 / amax rounded to that dtype and its exact inverse as the scale. The rounding can put a
     row's largest value just past 448; the clamp keeps every value in e4m3's range (e4m3fn has
-    no infinity: a cast far past it gives NaN)."""
+    no infinity: a cast far past it gives NaN). The factor is capped at x's dtype's largest
+    value: a row of zeros (amax floored at 1e-12) would otherwise make it infinite in fp16, and
+    its float8 row NaN."""
     amax = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
-    inv = (FP8_MAX / amax).to(x.dtype)  # the scale is this rounded factor's inverse: no bias
+    # the scale is this rounded factor's inverse: no bias
+    inv = (FP8_MAX / amax).clamp(max=torch.finfo(x.dtype).max).to(x.dtype)
     q = (x * inv).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, 1.0 / inv.float()
 

@@ -37,7 +37,7 @@ def available(x: torch.Tensor) -> bool:
 if triton is not None:
     @triton.jit
     def _gelu_quantize_rows(u_ptr, q_ptr, scale_ptr, cols, u_row_stride, q_row_stride,
-                            FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+                            FP8_MAX: tl.constexpr, INV_MAX: tl.constexpr, BLOCK: tl.constexpr):
         DTYPE = u_ptr.dtype.element_ty  # bf16 or fp16: every rounding below is to it
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
@@ -47,7 +47,7 @@ if triton is not None:
         # 0.5 u (1 + tanh z) = u / (1 + exp(-2z)): one exp, no cancellation in the negative tail
         g = (u / (1.0 + tl.exp(-2.0 * z))).to(DTYPE, fp_downcast_rounding="rtne").to(tl.float32)
         amax = tl.maximum(tl.max(tl.abs(g), axis=0), 1e-12)  # masked lanes are 0
-        inv = (FP8_MAX / amax).to(DTYPE, fp_downcast_rounding="rtne").to(tl.float32)
+        inv = tl.minimum(FP8_MAX / amax, INV_MAX).to(DTYPE, fp_downcast_rounding="rtne").to(tl.float32)
         y = (g * inv).to(DTYPE, fp_downcast_rounding="rtne").to(tl.float32)
         y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
         # e4m3 (rounded to nearest even); a float32 q gets y itself (the interpreter's float8 cast
@@ -64,7 +64,8 @@ def launch(u: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, launcher=None)
     rows, cols = u.shape
     block = triton.next_power_of_2(cols)
     kernel = launcher(_gelu_quantize_rows) if launcher is not None else _gelu_quantize_rows
-    kernel[(rows,)](u, q, scale, cols, u.stride(0), q.stride(0), FP8_MAX=FP8_MAX, BLOCK=block,
+    kernel[(rows,)](u, q, scale, cols, u.stride(0), q.stride(0), FP8_MAX=FP8_MAX,
+                    INV_MAX=torch.finfo(u.dtype).max, BLOCK=block,
                     num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
 
 
