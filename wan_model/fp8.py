@@ -118,6 +118,13 @@ def _gemm(a: torch.Tensor, scale_a: torch.Tensor, b_t: torch.Tensor, scale_b: to
                             bias=None if bias is None else bias.to(out_dtype), use_fast_accum=fast_accum)
 
 
+def _weight_gemm(xq: torch.Tensor, sx: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                 out_dtype: torch.dtype, bias: torch.Tensor | None, fast_accum: bool) -> torch.Tensor:
+    """A quantised input xq [M, K] (scales sx [M, 1]) times a stored float8 weight q [N, K] with
+    its row scales [N]: the forward GEMM of a float8 Linear (q transposed is a view, no copy)."""
+    return _gemm(xq, sx, q.t(), scale[None, :].float(), out_dtype, bias, fast_accum)
+
+
 class FP8Gemm(torch.autograd.Function):
     """y = x W^T + b as one float8 GEMM: x quantised per token, W stored per output row; the
     input gradient likewise. Plain torch ops around `torch._scaled_mm`, so that a compiled block
@@ -131,8 +138,7 @@ class FP8Gemm(torch.autograd.Function):
         ctx.save_for_backward(q, scale)
         x2 = x.reshape(-1, x.shape[-1])
         xq, sx = quantize_tokens(x2)
-        # the second operand column-major: q [N, K] transposed is a view, no copy
-        y = _gemm(xq, sx, q.t(), scale[None, :].float(), x.dtype, bias, fast_accum)
+        y = _weight_gemm(xq, sx, q, scale, x.dtype, bias, fast_accum)
         return y.reshape(*x.shape[:-1], q.shape[0])
 
     @staticmethod
@@ -165,7 +171,7 @@ def feed_forward(ffn: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
         return lin(ffn[1](u))
     with torch.autocast(u.device.type, enabled=False):  # as FP8Linear.forward
         q, sx = fp8_triton.gelu_quantize_rows(u.reshape(-1, u.shape[-1]))
-        y = _gemm(q, sx, lin.weight.t(), lin.weight_scale[None, :].float(), u.dtype, lin.bias, lin.fast_accum)
+        y = _weight_gemm(q, sx, lin.weight, lin.weight_scale, u.dtype, lin.bias, lin.fast_accum)
     return y.reshape(*u.shape[:-1], lin.out_features)
 
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import torch
 
+from .fp8 import FP8_MAX
+
 try:
     import triton
     import triton.language as tl
 except Exception:  # noqa: BLE001 - CPU installs may have no Triton
     triton = None
 
-FP8_MAX = 448.0
 calls = {"gelu_quantize_rows": 0}  # eager calls, or traces into a compiled block (the bench reads it)
 
 
