@@ -40,6 +40,7 @@ class Case:
     attention: str = "cudnn"  # sample-ours: the attention backend (cuDNN first, as measured so far)
     cfg_batch: bool = False  # sample-ours: cond and uncond as one forward of batch 2 (`--cfg-batch`)
     fused_gelu: bool = False  # sample-ours (fp8_matmul): the FFN's GELU + quantisation in one pass
+    quant_kernel: bool = False  # sample-ours (fp8_matmul): every GEMM input quantised in one pass per row
     estimate_s: float = 30.0  # rough H100 cost incl. model setup, for --time-budget
     default: bool = True
     processes: int = 1  # ours on several GPUs of the host (bench/distributed.py): DDP over them...
@@ -177,6 +178,10 @@ def fa4_cases() -> list[Case]:
              reference="ref-lora-1.3B-81-cudnn", estimate_s=110, default=False),
         Case("lora-1.3B-81-fp8-gemm-fa4", "ours", "1.3B LoRA r32 832x480x81, float8 GEMMs, FlashAttention 4",
              settings=[gemm], reference="ref-lora-1.3B-81-cudnn", estimate_s=110, default=False),
+        Case("lora-1.3B-81-fp8-gemm-fa4-rows", "ours", "1.3B LoRA r32 832x480x81, float8 GEMMs, FlashAttention 4, "
+             "their inputs and gradients quantised in one Triton pass per row",
+             settings=[with_changes(gemm, fp8_quant_kernel=True)], reference="ref-lora-1.3B-81-cudnn",
+             estimate_s=110, default=False),
         Case("lora-14B-81-fa4", "ours", "14B LoRA r32 832x480x81, FlashAttention 4", flavour="t2v-14B",
              settings=[with_changes(fa4, selective_blocks=8)], reference="ref-lora-14B-81-cudnn",
              estimate_s=170, default=False),
@@ -199,6 +204,11 @@ def fa4_cases() -> list[Case]:
              "float8 weights and GEMMs in the blocks, FlashAttention 4, cond + uncond in one batch-2 forward, "
              "the FFN's GELU + quantisation in one Triton pass", reference="sample-diffusers-cudnn",
              fp8_matmul=True, attention="fa4", cfg_batch=True, fused_gelu=True, estimate_s=20, default=False),
+        Case("sample-ours-fp8-fa4-cfg2-rows", "sample-ours", "our sampler, 1.3B, 832x480x81, UniPC + CFG 5, "
+             "float8 weights and GEMMs in the blocks, FlashAttention 4, cond + uncond in one batch-2 forward, "
+             "every GEMM input quantised (the FFN's with its GELU) in one Triton pass per row",
+             reference="sample-diffusers-cudnn", fp8_matmul=True, attention="fa4", cfg_batch=True,
+             fused_gelu=True, quant_kernel=True, estimate_s=20, default=False),
     ]
 
 

@@ -274,7 +274,8 @@ def run_sample(case: Case, opts: Options, ours: bool) -> dict:
         # backend and resolves it for the device)
         set_attention(case.attention if opts.device.type == "cuda" else "auto")  # CUDA kernels
         model = place_dit(dit_loader(opts, flavour)(torch.bfloat16, opts.device), opts.device,
-                          fp8_matmul=case.fp8_matmul, fused_gelu=case.fused_gelu)
+                          fp8_matmul=case.fp8_matmul, fused_gelu=case.fused_gelu,
+                          quant_kernel=case.quant_kernel)
         if opts.compile == "on" or (opts.compile == "auto" and opts.device.type == "cuda"):
             model.compile_blocks()  # as tools/sample.py --compile; the warm-up run compiles
 

@@ -39,6 +39,7 @@ class StepSettings:
     base_dtype: str = "bf16"  # bf16 | fp8 (LoRA) ; full fine-tuning keeps fp32 master weights
     fp8_matmul: bool = False  # with base_dtype fp8: float8 GEMMs (train.fp8_matmul)
     fp8_fast_accum: bool = True  # their forward accumulation (train.fp8_fast_accum)
+    fp8_quant_kernel: bool = False  # their inputs quantised by one Triton pass per row (train.fp8_quant_kernel)
     block_swap: int = 0
     segments: bool = False  # full checkpointing recomputed a segment at a time (train.checkpoint_segments)
     compile: bool = False
@@ -60,7 +61,8 @@ class StepSettings:
                 parts[-1] += "+segments"
             if self.mode == "lora":
                 parts.append(f"base={self.base_dtype}" + ("+fp8-gemm" if self.fp8_matmul else "")
-                             + ("(exact)" if self.fp8_matmul and not self.fp8_fast_accum else ""))
+                             + ("(exact)" if self.fp8_matmul and not self.fp8_fast_accum else "")
+                             + ("+quant-kernel" if self.fp8_matmul and self.fp8_quant_kernel else ""))
             if self.block_swap:
                 parts.append(f"swap={self.block_swap}")
         parts.append("compile" if self.compile else "eager")
@@ -101,6 +103,7 @@ def to_recipe(s: StepSettings) -> Recipe:
     t.base_dtype = s.base_dtype if s.mode == "lora" else "fp32"
     t.fp8_matmul = s.fp8_matmul
     t.fp8_fast_accum = s.fp8_fast_accum
+    t.fp8_quant_kernel = s.fp8_quant_kernel
     t.checkpoint_segments = s.segments
     return _as_the_trainer_checks(r, s)
 

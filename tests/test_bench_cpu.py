@@ -120,7 +120,8 @@ def test_tiny_run_writes_json_table_and_markdown(tmp_path):
                 "vae-ours-chunk20", "cache-stage", "cache-8G", "train-previews", "vae-diffusers", "sample-ours",
                 "sample-ours-fp8",
                 "sample-diffusers-cudnn", "sample-diffusers", "sp2-lora-1.3B-81", "sample-ours-fa4",
-                "sample-ours-fp8-fa4", "sample-ours-fp8-fa4-cfg2", "sample-ours-fp8-fa4-cfg2-gelu"]
+                "sample-ours-fp8-fa4", "sample-ours-fp8-fa4-cfg2", "sample-ours-fp8-fa4-cfg2-gelu",
+                "sample-ours-fp8-fa4-cfg2-rows"]
     assert list(res["cases"]) == expected
     bad = {k: v.get("error") for k, v in res["cases"].items() if v["status"] != "ok"}
     assert not bad, bad

@@ -119,6 +119,20 @@ def test_fp8_gemm_close_to_bf16(plain, settings):
     assert cos > 0.98, (rel_grad, cos)
 
 
+def test_quant_kernel_is_the_float8_gemm_path():
+    """train.fp8_quant_kernel: the quantisations as one Triton pass per row, compiled, against the
+    eager float8 path (the torch arithmetic the kernel reproduces); both against bf16 as above."""
+    from wan_model import fp8_triton
+
+    before = fp8_triton.calls["rows"]
+    kernel = loss_and_grads(with_changes(FAST, base_dtype="fp8", fp8_matmul=True, fp8_quant_kernel=True))
+    assert fp8_triton.calls["rows"] > before  # traced into the compiled blocks (forward and backward)
+    rel_loss, rel_grad, cos = compare(kernel, loss_and_grads(FP8_GEMM))
+    print(f"quant kernel (compiled) vs float8 eager: loss {rel_loss:.2e}, LoRA grads {rel_grad:.2e}, "
+          f"cosine {cos:.6f}")
+    assert rel_loss < 1e-2 and cos > 0.995, (rel_loss, rel_grad, cos)
+
+
 def test_fp8_gemm_200_step_loss_curve_follows_bf16():
     """The numerics guard of the float8 GEMM lever: 200 LoRA steps (lr 1e-3, fresh noise and
     noise level each step) follow the bf16 fast path's loss curve step by step and end at the

@@ -76,24 +76,28 @@ def parse_args(argv):
 
 
 def run_case(case: Case, opts: Options, budget_left: float) -> dict:
-    """One case; a case that asks for FlashAttention 4 or the fused GELU kernel fails on a GPU
-    if it never ran."""
+    """One case; a case that asks for FlashAttention 4 or the Triton quantisation kernel fails on
+    a GPU if it never ran."""
     from wan_model import attention, fp8_triton
 
     before = attention.fa4_calls["forward"]
-    fused_before = fp8_triton.calls["gelu_quantize_rows"]
+    rows_before, gelu_before = fp8_triton.calls["rows"], fp8_triton.calls["gelu"]
     out = _run_case(case, opts, budget_left)
     ran = attention.fa4_calls["forward"] - before
-    fused = fp8_triton.calls["gelu_quantize_rows"] - fused_before
+    rows, gelu = fp8_triton.calls["rows"] - rows_before, fp8_triton.calls["gelu"] - gelu_before
+    cuda = opts.device.type == "cuda"
     asked = case.attention == "fa4" or any(s.attention == "fa4" for s in case.settings)
-    if asked and opts.device.type == "cuda" and not ran:
+    if asked and cuda and not ran:
         raise RuntimeError(f"{case.name}: attention fa4 asked for, but FlashAttention 4 never ran")
-    if case.fused_gelu and opts.device.type == "cuda" and not fused:
+    if case.fused_gelu and cuda and not gelu:
         raise RuntimeError(f"{case.name}: the fused GELU kernel asked for, but it never ran")
+    if (case.quant_kernel or any(s.fp8_quant_kernel for s in case.settings)) and cuda and rows == gelu:
+        raise RuntimeError(f"{case.name}: the Triton quantisation kernel asked for, but it never ran")
     if ran:
         out["fa4_forward_calls"] = ran
-    if fused:
-        out["fused_gelu_calls"] = fused  # eager calls, or traces into the compiled blocks
+    if rows:  # eager calls, or traces into the compiled blocks
+        out["quant_kernel_calls"] = rows
+        out["fused_gelu_calls"] = gelu
     return out
 
 

@@ -128,6 +128,11 @@ class TrainConfig:
                                     "cores' fast mode (torchao's float8 default; the input gradient "
                                     "always accumulates in full precision). false: full precision in "
                                     "forward too.")
+    fp8_quant_kernel: bool = _f(False, "With fp8_matmul: quantise each float8 GEMM's input and output "
+                                       "gradient per token in one Triton pass per row (the row read "
+                                       "once) instead of the compiled block's fused two-pass reduction; "
+                                       "the same arithmetic as the torch path. Needs a GPU with Triton "
+                                       "(elsewhere the torch path runs).")
     gradient_checkpointing: Optional[bool] = _f(None, "Recompute block activations in backward "
                                                       "(saves memory); null = planned.")
     checkpoint_mode: Optional[str] = _f(None, "full (recompute whole blocks) or selective (keep "
@@ -278,6 +283,9 @@ class Recipe:
         if not t.fp8_fast_accum and not t.fp8_matmul:
             out.append("train.fp8_fast_accum=false only applies to float8 GEMMs: set train.fp8_matmul=true "
                        "too, or leave fp8_fast_accum at its default")
+        if t.fp8_quant_kernel and not t.fp8_matmul:
+            out.append("train.fp8_quant_kernel=true quantises the float8 GEMMs' inputs: set "
+                       "train.fp8_matmul=true too, or train.fp8_quant_kernel=false")
         v = self.validation
         if v.width % 16 or v.height % 16:
             out.append(f"validation.width/height={v.width}x{v.height}: must be multiples of 16 "

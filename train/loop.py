@@ -66,7 +66,8 @@ def build_model(recipe: Recipe, device, load=None):
     if t.mode == "lora" and t.base_dtype == "fp8":
         from wan_model.fp8 import quantize_linears_
 
-        quantize_linears_(model, work_device=device, fp8_matmul=t.fp8_matmul, fast_accum=t.fp8_fast_accum)
+        quantize_linears_(model, work_device=device, fp8_matmul=t.fp8_matmul, fast_accum=t.fp8_fast_accum,
+                          quant_kernel=t.fp8_quant_kernel)
     attention.set_backend(t.attention_backend, device)
     model.gradient_checkpointing = t.gradient_checkpointing
     model.checkpoint_mode = t.checkpoint_mode

@@ -30,9 +30,11 @@ Wan's shapes on an H200, the same error against the exact product at these sizes
 e4m3 rounding of the operands dominates); the input gradient keeps full-precision accumulation.
 `fast_accum=False` gives full precision in forward too.
 
-At inference the FFN's second Linear can take its input's GELU and quantisation as one Triton
-pass (`feed_forward`, `FP8Linear.fused_gelu`, `wan_model.fp8_triton`): Inductor's fused kernel
-reads each 8,960-wide hidden row twice and computes its tanh twice. Off until measured.
+The per-token quantisations can run as one Triton pass per row (`FP8Linear.quant_kernel`,
+`wan_model.fp8_triton`) instead of the compiled block's fused reduction, which reads each row
+of 1,536 to 13,824 twice and recomputes what produced it; at inference the FFN's second Linear
+can take its input's GELU into that pass too (`feed_forward`, `FP8Linear.fused_gelu`). Both off
+until measured.
 
 Call `quantize_linears_(model)` after loading and before or after `add_lora`; do not call
 `model.to(dtype)` afterwards (it would cast the float8 weights like any float tensor).
@@ -110,6 +112,19 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, 1.0 / inv.float()
 
 
+def _quantize(x: torch.Tensor, col_scale: torch.Tensor | None = None,
+              kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_tokens(x * col_scale)` (col_scale [cols] in x's dtype, or none): with `kernel`,
+    on a GPU with Triton, as one pass per row (`wan_model.fp8_triton`), otherwise in torch ops
+    (which a compiled block fuses with what produces x)."""
+    if kernel and x.dtype in (torch.bfloat16, torch.float16):
+        from . import fp8_triton  # imports Inductor (seconds): only where asked
+
+        if fp8_triton.available(x):
+            return fp8_triton.quantize_tokens(x, col_scale)
+    return quantize_tokens(x if col_scale is None else x * col_scale.to(x.dtype)[None, :])
+
+
 def _gemm(a: torch.Tensor, scale_a: torch.Tensor, b_t: torch.Tensor, scale_b: torch.Tensor,
           out_dtype: torch.dtype, bias: torch.Tensor | None = None, fast_accum: bool = False) -> torch.Tensor:
     """a [M, K] float8 row-major times b_t [K, N] float8 column-major, with float32 scales
@@ -131,28 +146,29 @@ class FP8Gemm(torch.autograd.Function):
     fuses each quantisation with the norm, modulation or gate that produces its input (as a
     custom op it was a separate pass over every input: measured 13% slower than bf16 at 1.3B).
     Backward keeps the float8 weight and its scales only: the base is frozen, so no activation
-    is needed. `fast_accum`: the forward GEMM accumulates in the fast mode (module notes)."""
+    is needed. `fast_accum`: the forward GEMM accumulates in the fast mode (module notes);
+    `quant_kernel`: both quantisations as one Triton pass per row (`_quantize`)."""
 
     @staticmethod
-    def forward(ctx, x, q, scale, bias, fast_accum=True):
+    def forward(ctx, x, q, scale, bias, fast_accum=True, quant_kernel=False):
         ctx.save_for_backward(q, scale)
+        ctx.quant_kernel = quant_kernel
         x2 = x.reshape(-1, x.shape[-1])
-        xq, sx = quantize_tokens(x2)
+        xq, sx = _quantize(x2, kernel=quant_kernel)
         y = _weight_gemm(xq, sx, q, scale, x.dtype, bias, fast_accum)
         return y.reshape(*x.shape[:-1], q.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         q, scale = ctx.saved_tensors
         # grad_x = grad_out (diag(scale) q) = (grad_out * scale) q; q transposed in memory for the
         # GEMM's column-major operand (a float8 copy of the weight, freed at once)
-        g2 = grad_out.reshape(-1, grad_out.shape[-1]) * scale.to(grad_out.dtype)[None, :]
-        gq, sg = quantize_tokens(g2)
+        gq, sg = _quantize(grad_out.reshape(-1, grad_out.shape[-1]), scale.to(grad_out.dtype), ctx.quant_kernel)
         ones = torch.ones(1, q.shape[1], device=q.device, dtype=torch.float32)
         gx = _gemm(gq, sg, q.t().contiguous().t(), ones, grad_out.dtype)
-        return gx.reshape(*grad_out.shape[:-1], q.shape[1]), None, None, None, None
+        return gx.reshape(*grad_out.shape[:-1], q.shape[1]), None, None, None, None, None
 
 
 def feed_forward(ffn: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
@@ -170,7 +186,7 @@ def feed_forward(ffn: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
     if not fp8_triton.available(u) or u.dtype not in (torch.bfloat16, torch.float16):
         return lin(ffn[1](u))
     with torch.autocast(u.device.type, enabled=False):  # as FP8Linear.forward
-        q, sx = fp8_triton.gelu_quantize_rows(u.reshape(-1, u.shape[-1]))
+        q, sx = fp8_triton.quantize_tokens(u.reshape(-1, u.shape[-1]), gelu=True)
         y = _weight_gemm(q, sx, lin.weight, lin.weight_scale, u.dtype, lin.bias, lin.fast_accum)
     return y.reshape(*u.shape[:-1], lin.out_features)
 
@@ -195,8 +211,10 @@ class FP8Linear(nn.Linear):
                                    requires_grad=False)
         self.register_buffer("weight_scale", torch.ones(out_features, device=device))
         self.compute_dtype = compute_dtype
-        # the FFN's second Linear at inference: its input's GELU and quantisation as one Triton
-        # pass (`feed_forward`); off unless asked (`place_dit(..., fused_gelu=True)`)
+        # with fp8_matmul: quantise the input and its gradient in one Triton pass per row
+        # (`_quantize`); the FFN's second Linear at inference: its input's GELU in that pass too
+        # (`feed_forward`). Off unless asked (quantize_linears_, `place_dit`)
+        self.quant_kernel = False
         self.fused_gelu = False
 
     @classmethod
@@ -229,13 +247,14 @@ class FP8Linear(nn.Linear):
         dtype = _compute_dtype_for(x, self.compute_dtype)
         with torch.autocast(x.device.type, enabled=False):
             if self.fp8_matmul and dtype != torch.float32:
-                return FP8Gemm.apply(x.to(dtype), self.weight, self.weight_scale, self.bias, self.fast_accum)
+                return FP8Gemm.apply(x.to(dtype), self.weight, self.weight_scale, self.bias, self.fast_accum,
+                                     self.quant_kernel)
             return fp8_linear(x.to(dtype), self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + ", weight=float8_e4m3fn (per-row scales)"
                 + (f", float8 matmul{'' if self.fast_accum else ' (exact accumulation)'}"
-                   if self.fp8_matmul else ""))
+                   + (", Triton row quantisation" if self.quant_kernel else "") if self.fp8_matmul else ""))
 
 
 def default_include(name: str) -> bool:
@@ -245,7 +264,8 @@ def default_include(name: str) -> bool:
 
 def quantize_linears_(model: nn.Module, include: Callable[[str], bool] = default_include,
                       compute_dtype: torch.dtype = torch.bfloat16, work_device=None,
-                      fp8_matmul: bool = False, fast_accum: bool = True) -> list[str]:
+                      fp8_matmul: bool = False, fast_accum: bool = True,
+                      quant_kernel: bool = False) -> list[str]:
     """Replace every frozen nn.Linear whose name passes `include` by an FP8Linear, in place.
 
     Under PEFT LoRA the wrapped `base_layer` is quantised and the adapter left alone. The
@@ -253,7 +273,7 @@ def quantize_linears_(model: nn.Module, include: Callable[[str], bool] = default
     Returns the names replaced. Quantising runs where the weights are (seconds on a GPU), or
     on `work_device` for a model held in host memory (a 14B model loaded for block swap).
     `fp8_matmul`: the matmuls run in float8 too, `fast_accum` saying how the forward GEMMs
-    accumulate (see the module's notes).
+    accumulate and `quant_kernel` how their inputs are quantised (see the module's notes).
     """
     replaced = []
     for name, module in list(model.named_modules()):
@@ -261,7 +281,9 @@ def quantize_linears_(model: nn.Module, include: Callable[[str], bool] = default
             continue
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, FP8Linear.from_linear(module, compute_dtype, work_device, fp8_matmul, fast_accum))
+        new = FP8Linear.from_linear(module, compute_dtype, work_device, fp8_matmul, fast_accum)
+        new.quant_kernel = quant_kernel and new.fp8_matmul
+        setattr(parent, leaf, new)
         replaced.append(name)
     return replaced
 

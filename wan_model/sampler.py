@@ -490,7 +490,7 @@ class WanSampler:
 
 
 def place_dit(model, device, *, loras=(), fp8: bool = False, fp8_matmul: bool = False,
-              block_swap: int = 0, fused_gelu: bool = False):
+              block_swap: int = 0, fused_gelu: bool = False, quant_kernel: bool = False):
     """A loaded DiT made ready to sample on `device`, in this order: the LoRAs [(path or Lora,
     strength)] merged into its weights (before quantising: a merge into float8 weights would
     add the change to the scaled codes); with `fp8` its block Linears stored in float8 e4m3
@@ -499,8 +499,9 @@ def place_dit(model, device, *, loras=(), fp8: bool = False, fp8_matmul: bool = 
     its last `block_swap` blocks in host memory, streamed in as they run (`wan_model.block_swap`);
     the attention kernel chosen for `device` (`attention.set_backend`). Load it to the host when
     fp8 or block swap is asked for: only what stays resident then reaches the device.
-    `fused_gelu` (with `fp8_matmul`): each FFN's GELU and the quantisation of its output run as
-    one Triton pass on a GPU (`wan_model.fp8.feed_forward`; not yet measured, so off)."""
+    With `fp8_matmul` on a GPU with Triton: `quant_kernel` quantises each float8 GEMM's input in
+    one Triton pass per row, and `fused_gelu` each FFN's GELU with the quantisation of its output
+    (`wan_model.fp8_triton`, `wan_model.fp8.feed_forward`)."""
     from .device_memory import free_memory
 
     if loras:
@@ -510,7 +511,7 @@ def place_dit(model, device, *, loras=(), fp8: bool = False, fp8_matmul: bool = 
     if fp8 or fp8_matmul:
         from .fp8 import quantize_linears_
 
-        quantize_linears_(model, work_device=device, fp8_matmul=fp8_matmul)
+        quantize_linears_(model, work_device=device, fp8_matmul=fp8_matmul, quant_kernel=quant_kernel)
         for name, module in model.named_modules():
             if name.endswith(".ffn.2") and hasattr(module, "fused_gelu"):
                 module.fused_gelu = fused_gelu
