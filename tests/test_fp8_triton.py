@@ -216,36 +216,50 @@ def test_kernel_is_quantize_tokens_on_the_gpu(kind):
         assert same == 1.0 and rows_same == 1.0
 
 
+def _rel(a: torch.Tensor, truth: torch.Tensor) -> float:
+    return ((a.double() - truth).norm() / truth.norm()).item()
+
+
 @pytest.mark.gpu
 def test_kernels_run_in_compiled_graphs():
     """The fused FFN at inference, and a float8 Linear's forward and backward with the kernel,
-    compiled: the op is traced into the graphs and the results are the eager ones."""
+    compiled: the op is traced into the graphs, and against the float64 result of the same
+    (dequantised) weights each is as close as the eager torch path (float8 rounding, ~3%)."""
     if not torch.cuda.is_available() or not fp8_triton.available(torch.empty(1, device="cuda")):
         pytest.skip("needs a GPU with Triton")
     ffn = _ffn(1536, 8960).cuda()
-    ffn[2].fused_gelu = True
+    w0, w2 = (ffn[i].dequantized_weight(torch.float64) for i in (0, 2))
+    b0, b2 = (ffn[i].bias.double() for i in (0, 2))
     h = torch.randn(2, 4096, 1536, device="cuda", dtype=torch.bfloat16)
+    truth = F.gelu(h.double() @ w0.t() + b0, approximate="tanh") @ w2.t() + b2
     with torch.no_grad():
         before = fp8_triton.calls["gelu"]
+        ffn[2].fused_gelu = True
         compiled = torch.compile(feed_forward)(ffn, h)
         assert fp8_triton.calls["gelu"] > before  # traced into the compiled graph
         ffn[2].fused_gelu = False
         plain = ffn(h)
-    err = ((compiled.float() - plain.float()).norm() / plain.float().norm()).item()
-    print(f"compiled fused FFN vs plain: relative error {err:.2e}")
-    assert err < 1e-2
+    fused_err, plain_err = _rel(compiled, truth), _rel(plain, truth)
+    print(f"FFN against float64: compiled with the fused kernel {fused_err:.3e}, eager torch {plain_err:.3e}")
+    assert fused_err < 1.1 * plain_err and plain_err < 0.1
     lin = ffn[0]
-    lin.quant_kernel = True
-    x = h.clone().requires_grad_(True)
-    before = fp8_triton.calls["rows"]
-    y = torch.compile(lambda t: F.gelu(lin(t), approximate="tanh"))(x)
-    y.backward(torch.ones_like(y))
-    assert fp8_triton.calls["rows"] >= before + 2  # forward and backward
-    lin.quant_kernel = False
-    x2 = h.clone().requires_grad_(True)
-    y2 = F.gelu(lin(x2), approximate="tanh")
-    y2.backward(torch.ones_like(y2))
-    for a, b, what in ((y, y2, "output"), (x.grad, x2.grad, "input gradient")):
-        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
-        print(f"compiled float8 Linear with the kernel vs eager torch: {what} relative error {err:.2e}")
-        assert err < 1e-2
+    x64 = h.double().requires_grad_(True)
+    y64 = F.gelu(x64 @ w0.t() + b0, approximate="tanh")
+    y64.backward(torch.ones_like(y64))
+    results = {}
+    for kernel in (True, False):
+        lin.quant_kernel = kernel
+        x = h.clone().requires_grad_(True)
+        before = fp8_triton.calls["rows"]
+        fn = torch.compile(lambda t: F.gelu(lin(t), approximate="tanh")) if kernel else (
+            lambda t: F.gelu(lin(t), approximate="tanh"))
+        y = fn(x)
+        y.backward(torch.ones_like(y))
+        if kernel:
+            assert fp8_triton.calls["rows"] >= before + 2  # forward and backward
+        results[kernel] = (_rel(y.detach(), y64.detach()), _rel(x.grad, x64.grad))
+    print(f"float8 Linear against float64, (output, input gradient): compiled with the kernel "
+          f"{results[True][0]:.3e}, {results[True][1]:.3e}; eager torch {results[False][0]:.3e}, "
+          f"{results[False][1]:.3e}")
+    for i in (0, 1):
+        assert results[True][i] < 1.1 * results[False][i] and results[False][i] < 0.1
