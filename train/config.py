@@ -132,7 +132,9 @@ class TrainConfig:
                                        "gradient per token in one Triton pass per row (the row read "
                                        "once) instead of the compiled block's fused two-pass reduction; "
                                        "the same arithmetic as the torch path. Needs a GPU with Triton "
-                                       "(elsewhere the torch path runs).")
+                                       "(elsewhere the torch path runs). Measured on an H200, 1.3B with "
+                                       "FlashAttention 4: the same step time (1.686 against 1.689 s), "
+                                       "0.8 GiB less at the peak (15.5 against 16.3 GiB).")
     gradient_checkpointing: Optional[bool] = _f(None, "Recompute block activations in backward "
                                                       "(saves memory); null = planned.")
     checkpoint_mode: Optional[str] = _f(None, "full (recompute whole blocks) or selective (keep "
