@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from wan_model.atomic import write_text_atomic
+from wantune.bench.report import code_label
 
 BEGIN = "<!-- bench:multi:begin -->"
 END = "<!-- bench:multi:end -->"
@@ -110,7 +111,7 @@ HEADER = ["run", "GPUs", "s/step", "rank-0 peak alloc GiB", "per-GPU peak used G
 def markdown(results: dict) -> str:
     env = results["env"]
     lines = [f"Device: {results['gpus']}x {env['device']} (driver {env.get('driver')}, CUDA {env.get('cuda')}); "
-             f"torch {env['torch']}; {env['date']}; commit {env.get('commit')}. Command: `{env.get('command')}`. "
+             f"torch {env['torch']}; {env['date']}; {code_label(env)}. Command: `{env.get('command')}`. "
              "Random weights at real size; every run is `accelerate launch` of train.py or tools/cache.py "
              "with the shipped recipe and accelerate config (previews off, bench/multi.py). s/step is the "
              "median after the first two steps, per step of every GPU (each GPU trains its own sample).",

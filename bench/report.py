@@ -6,8 +6,10 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -36,13 +38,35 @@ def _driver() -> str | None:
         return None
 
 
-def _commit(repo: Path) -> str | None:
+def _git(repo: Path, *args: str, env: dict | None = None) -> str:
+    out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=60,
+                         env=env, check=True)
+    return out.stdout.strip()
+
+
+def code_version(repo: Path) -> dict:
+    """Which code ran: HEAD's short hash, the git tree of the files as they are (tracked and
+    untracked, as `git add -A` sees them; the hash `git log --format=%T` shows for a commit of
+    exactly these files) and whether they differ from HEAD's. A GPU machine gets a copy of the
+    working tree on top of the last landed commit, so HEAD alone does not say what ran there.
+    The tree is computed in a temporary index: the repository's index is left alone."""
     try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+        head = _git(repo, "rev-parse", "--short", "HEAD")
     except Exception:
-        return None
+        return {"commit": None}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            index = Path(tmp) / "index"
+            real = Path(repo) / _git(repo, "rev-parse", "--git-path", "index")
+            if real.exists():
+                shutil.copyfile(real, index)  # its stat cache: only changed files are read again
+            env = dict(os.environ, GIT_INDEX_FILE=str(index))
+            _git(repo, "add", "-A", env=env)
+            tree = _git(repo, "write-tree", env=env)
+        return {"commit": head, "code_tree": tree[:12],
+                "code_changed": tree != _git(repo, "rev-parse", "HEAD^{tree}")}
+    except Exception:
+        return {"commit": head}
 
 
 def portable(value, repo: Path):
@@ -66,7 +90,7 @@ def environment(device: torch.device, repo: Path) -> dict:
         "transformers": _version("transformers"), "flash_attn": _version("flash_attn") or _version("flash_attn_3"),
         "flash_attn_4": _version("flash-attn-4"), "nvidia_cutlass_dsl": _version("nvidia-cutlass-dsl"),
         "python": sys.version.split()[0], "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "commit": _commit(repo), "command": portable(" ".join(sys.argv), repo),
+        **code_version(repo), "command": portable(" ".join(sys.argv), repo),
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     }
     if device.type == "cuda":
@@ -166,13 +190,19 @@ HEADER = ["case", "what", "s/step", "peak alloc GiB", "peak reserved GiB", "TFLO
           "vs reference", "settings / notes"]
 
 
+def code_label(env: dict) -> str:
+    """'commit X', or 'commit X with changes (tree T)' when the files that ran were not X's."""
+    label = f"commit {env.get('commit')}"
+    return label + (f" with changes (tree {env['code_tree']})" if env.get("code_changed") else "")
+
+
 def markdown_table(results: dict) -> str:
     env = results["env"]
     mm = results["cases"].get("matmul", {})
     lines = [
         f"Device: {env['device']} (driver {env.get('driver')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}); "
         f"torch {env['torch']}, diffusers {env.get('diffusers')}, peft {env.get('peft')}, "
-        f"flash-attn {env.get('flash_attn') or 'not installed'}; {env['date']}; commit {env.get('commit')}.",
+        f"flash-attn {env.get('flash_attn') or 'not installed'}; {env['date']}; {code_label(env)}.",
         f"Command: `{env.get('command')}`.",
         f"bf16 matmul rate measured in the same run: {mm.get('tflops', float('nan')):.0f} TFLOP/s "
         "(the MFU denominator). TFLOP/s counts model FLOPs (see bench/NOTES.md: LoRA = 2x forward "

@@ -256,3 +256,40 @@ def test_multi_bench_puts_a_failed_run_s_own_error_first():
            "train:  67%|##   | 2/3\nE1130 failed (exitcode: 1) local_rank: 0\nTraceback (most recent call last):\n")
     assert error_line(log) == "training failed: RuntimeError: state_steps is on cpu"
     assert error_line("Traceback (most recent call last):\nValueError: x") == ""
+
+
+def test_the_record_names_the_code_that_ran(tmp_path):
+    """A results file says which files ran: HEAD, and when the files differ from it (a GPU
+    machine's copy of a working tree over the last landed commit) the git tree they make, the
+    same hash git gives a commit of exactly those files. The repository's index is untouched."""
+    from wantune.bench.report import code_label, code_version
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    git("init", "-q")
+    git("config", "user.email", "bench@example.com")
+    git("config", "user.name", "bench")
+    (tmp_path / ".gitignore").write_text("/ignored/\n")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "one")
+    clean = code_version(tmp_path)
+    assert clean == {"commit": git("rev-parse", "--short", "HEAD"), "code_tree": git("rev-parse", "HEAD^{tree}")[:12],
+                     "code_changed": False}
+    assert code_label(clean) == f"commit {clean['commit']}"
+    (tmp_path / "a.py").write_text("x = 2\n")  # a changed file, a new one, an ignored one
+    (tmp_path / "b.py").write_text("y = 1\n")
+    (tmp_path / "ignored").mkdir()
+    (tmp_path / "ignored" / "big.bin").write_bytes(b"\0" * 1000)
+    index_before = git("diff", "--cached", "--name-only")
+    changed = code_version(tmp_path)
+    assert changed["commit"] == clean["commit"] and changed["code_changed"]
+    assert git("diff", "--cached", "--name-only") == index_before == ""  # nothing staged
+    git("add", "-A")
+    git("commit", "-qm", "two")
+    assert changed["code_tree"] == git("rev-parse", "HEAD^{tree}")[:12]  # what ran = this commit's files
+    assert code_label(changed) == f"commit {clean['commit']} with changes (tree {changed['code_tree']})"
+    assert code_version(tmp_path / "ignored")["commit"] == git("rev-parse", "--short", "HEAD")
+    assert code_version(tmp_path.parent / "nowhere") == {"commit": None}
