@@ -169,6 +169,13 @@ def test_place_dit_asks_for_it_on_the_ffn_only():
     asked = sorted(n for n, m in model.named_modules() if getattr(m, "fused_gelu", False))
     assert asked and all(n.endswith(".ffn.2") for n in asked)
     assert len(asked) == len(model.blocks)
+    for fp8_matmul, fused in ((True, True), (False, False)):  # by default: with float8 GEMMs only
+        model = place_dit(WanModel(FLAVOURS["tiny-t2v"].dit).to(torch.bfloat16), "cpu", fp8=True,
+                          fp8_matmul=fp8_matmul)
+        assert sum(getattr(m, "fused_gelu", False) for m in model.modules()) == fused * len(model.blocks)
+    model = place_dit(WanModel(FLAVOURS["tiny-t2v"].dit).to(torch.bfloat16), "cpu", fp8_matmul=True,
+                      fused_gelu=False)
+    assert not any(getattr(m, "fused_gelu", False) for m in model.modules())
 
 
 def test_the_model_runs_its_ffns_through_it(stand_in):

@@ -2,10 +2,10 @@
 
 The float8 numerics guard for sampling: one seed, the 1.3B at 832x480x33, 50 UniPC steps with
 CFG 5 (random text embeddings, as the benchmark's sampling case), the final latents of --fp8
-(float8 weights), of --fp8-matmul (float8 GEMMs too), of --fp8-matmul --cfg-batch (cond and
-uncond in one forward: the fastest path) and of the same with every GEMM input quantised in one
-Triton pass per row, the FFN's with its GELU (`place_dit(quant_kernel=True, fused_gelu=True)`)
-against bf16's, as a PSNR. Then the
+(float8 weights), of --fp8-matmul (float8 GEMMs too, each FFN's GELU and quantisation as one
+Triton pass, as `place_dit` does by default), of --fp8-matmul --cfg-batch (cond and uncond in one
+forward: the fastest path) and of the same with every GEMM input quantised in that kernel
+(`place_dit(quant_kernel=True)`) against bf16's, as a PSNR. Then the
 peak memory of the staged load and sampling of the 1.3B at 832x480x81 with the default options
 (umT5-XXL, DiT and VAE at real size), and the 14B DiT placed with --fp8 from the host, through
 the code path the tool uses (`WanSampler.load_staged`, `place_dit`); last, README's table of
@@ -44,14 +44,14 @@ def clean():
     free_memory()
 
 
-def _dit(flavour: str, fp8: bool = False, fp8_matmul: bool = False, kernels: bool = False):
+def _dit(flavour: str, fp8: bool = False, fp8_matmul: bool = False, quant_kernel: bool = False):
     """The random DiT (the same weights every call: drawn by the GPU's generator) placed as the
     tool places it: bf16 loaded straight to the GPU; with fp8 loaded to the host, quantised on
     the GPU a weight at a time, then moved there."""
     on_host = fp8 or fp8_matmul
     model = build_random_dit(FLAVOURS[flavour].dit, torch.bfloat16, "cpu" if on_host else "cuda",
                              draw_device="cuda")
-    return place_dit(model, "cuda", fp8=fp8, fp8_matmul=fp8_matmul, fused_gelu=kernels, quant_kernel=kernels)
+    return place_dit(model, "cuda", fp8=fp8, fp8_matmul=fp8_matmul, quant_kernel=quant_kernel)
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -86,14 +86,14 @@ def sampling_case():
 
 
 @pytest.mark.parametrize("option", ["--fp8", "--fp8-matmul", "--fp8-matmul --cfg-batch",
-                                    "--fp8-matmul --cfg-batch, Triton row kernels"])
+                                    "--fp8-matmul --cfg-batch, every quantisation in the Triton kernel"])
 def test_fp8_sampling_psnr_against_bf16(sampling_case, option):
     if "--fp8-matmul" in option and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 GEMMs need compute capability 8.9 or newer")
     run, reference = sampling_case
     with torch.no_grad():
         out = run(_dit("t2v-1.3B", fp8=True, fp8_matmul="--fp8-matmul" in option,
-                       kernels="Triton" in option), cfg_batch="--cfg-batch" in option)
+                       quant_kernel="Triton" in option), cfg_batch="--cfg-batch" in option)
     assert torch.isfinite(reference).all() and torch.isfinite(out).all()
     assert not torch.equal(out, reference)  # identical would mean fp8 was not applied
     value = psnr(out, reference)

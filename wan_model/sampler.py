@@ -399,10 +399,8 @@ class WanSampler:
         on_host = fp8 or fp8_matmul or block_swap  # then only what stays resident reaches the device
         model = wan_model.load_transformer(paths.resolve("transformer"), dtype=dtype,
                                            device="cpu" if on_host else device)
-        # with float8 GEMMs the FFN's GELU and its quantisation run as one Triton pass (measured
-        # on an H200: 0.890 s a sampling step against 0.912 without, BENCHMARKS.md)
-        sampler.transformer = place_dit(model, device, loras=loras, fp8=fp8, fp8_matmul=fp8_matmul,
-                                        block_swap=block_swap, fused_gelu=fp8_matmul)
+        sampler.transformer = place_dit(model, device, loras=loras, fp8=fp8,
+                                        fp8_matmul=fp8_matmul, block_swap=block_swap)
         sampler.vae = wan_model.load_vae(paths.resolve("vae"), dtype=torch.float32, device="cpu")
         if clip or (clip is None and sampler.task == "i2v"):
             if clip_dtype is None:
@@ -493,7 +491,7 @@ class WanSampler:
 
 
 def place_dit(model, device, *, loras=(), fp8: bool = False, fp8_matmul: bool = False,
-              block_swap: int = 0, fused_gelu: bool = False, quant_kernel: bool = False):
+              block_swap: int = 0, fused_gelu: bool | None = None, quant_kernel: bool = False):
     """A loaded DiT made ready to sample on `device`, in this order: the LoRAs [(path or Lora,
     strength)] merged into its weights (before quantising: a merge into float8 weights would
     add the change to the scaled codes); with `fp8` its block Linears stored in float8 e4m3
@@ -502,9 +500,11 @@ def place_dit(model, device, *, loras=(), fp8: bool = False, fp8_matmul: bool = 
     its last `block_swap` blocks in host memory, streamed in as they run (`wan_model.block_swap`);
     the attention kernel chosen for `device` (`attention.set_backend`). Load it to the host when
     fp8 or block swap is asked for: only what stays resident then reaches the device.
-    With `fp8_matmul` on a GPU with Triton: `quant_kernel` quantises each float8 GEMM's input in
-    one Triton pass per row, and `fused_gelu` each FFN's GELU with the quantisation of its output
-    (`wan_model.fp8_triton`, `wan_model.fp8.feed_forward`)."""
+    With `fp8_matmul` on a GPU with Triton: `fused_gelu` runs each FFN's GELU with the
+    quantisation of its output as one Triton pass (default: with `fp8_matmul`; measured on an
+    H200, 0.890 s a sampling step against 0.912 s without, BENCHMARKS.md), and `quant_kernel`
+    quantises every other float8 GEMM input in one pass per row too (measured 6 ms a step slower:
+    off) (`wan_model.fp8_triton`, `wan_model.fp8.feed_forward`)."""
     from .device_memory import free_memory
 
     if loras:
@@ -517,7 +517,7 @@ def place_dit(model, device, *, loras=(), fp8: bool = False, fp8_matmul: bool = 
         quantize_linears_(model, work_device=device, fp8_matmul=fp8_matmul, quant_kernel=quant_kernel)
         for name, module in model.named_modules():
             if name.endswith(".ffn.2") and hasattr(module, "fused_gelu"):
-                module.fused_gelu = fused_gelu
+                module.fused_gelu = fp8_matmul if fused_gelu is None else fused_gelu
         free_memory()  # the quantising's work buffers, cached on the device
     if block_swap:
         from .block_swap import enable_block_swap
