@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "time; LoRAs are merged before quantising")
     g.add_argument("--fp8-matmul", action="store_true",
                    help="--fp8, and the matmuls run as float8 GEMMs too (they round the "
-                        "activations as well); needs a CUDA GPU of compute capability 8.9 or "
+                        "activations as well; with Triton each FFN's GELU and its quantisation "
+                        "run as one kernel); needs a CUDA GPU of compute capability 8.9 or "
                         "newer (Ada, Hopper) and --dtype bf16")
     g.add_argument("--block-swap", type=int, default=0, metavar="N",
                    help="keep the last N DiT blocks in pinned host memory and copy each to the "
