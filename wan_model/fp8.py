@@ -117,15 +117,17 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _quantize(x: torch.Tensor, col_scale: torch.Tensor | None = None,
               kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_tokens(x * col_scale)` (col_scale [cols] in x's dtype, or none): with `kernel`,
+    """`quantize_tokens(x * col_scale)` (col_scale [cols] cast to x's dtype, or none): with `kernel`,
     on a GPU with Triton, as one pass per row (`wan_model.fp8_triton`), otherwise in torch ops
     (which a compiled block fuses with what produces x)."""
+    if col_scale is not None:
+        col_scale = col_scale.to(x.dtype)
     if kernel and x.dtype in (torch.bfloat16, torch.float16):
         from . import fp8_triton  # imports Inductor (seconds): only where asked
 
         if fp8_triton.available(x):
             return fp8_triton.quantize_tokens(x, col_scale)
-    return quantize_tokens(x if col_scale is None else x * col_scale.to(x.dtype)[None, :])
+    return quantize_tokens(x if col_scale is None else x * col_scale[None, :])
 
 
 def _gemm(a: torch.Tensor, scale_a: torch.Tensor, b_t: torch.Tensor, scale_b: torch.Tensor,
@@ -168,7 +170,7 @@ class FP8Gemm(torch.autograd.Function):
         q, scale = ctx.saved_tensors
         # grad_x = grad_out (diag(scale) q) = (grad_out * scale) q; q transposed in memory for the
         # GEMM's column-major operand (a float8 copy of the weight, freed at once)
-        gq, sg = _quantize(grad_out.reshape(-1, grad_out.shape[-1]), scale.to(grad_out.dtype), ctx.quant_kernel)
+        gq, sg = _quantize(grad_out.reshape(-1, grad_out.shape[-1]), scale, ctx.quant_kernel)
         ones = torch.ones(1, q.shape[1], device=q.device, dtype=torch.float32)
         gx = _gemm(gq, sg, q.t().contiguous().t(), ones, grad_out.dtype)
         return gx.reshape(*grad_out.shape[:-1], q.shape[1]), None, None, None, None, None

@@ -47,8 +47,8 @@ def available(x: torch.Tensor) -> bool:
 if triton is not None:
     @triton.jit
     def _quantize_tokens_kernel(x_ptr, c_ptr, q_ptr, scale_ptr, cols, x_row_stride, q_row_stride,
-                       FP8_MAX: tl.constexpr, INV_MAX: tl.constexpr, BLOCK: tl.constexpr,
-                       GELU: tl.constexpr, COL_SCALE: tl.constexpr):
+                                FP8_MAX: tl.constexpr, INV_MAX: tl.constexpr, BLOCK: tl.constexpr,
+                                GELU: tl.constexpr, COL_SCALE: tl.constexpr):
         DTYPE = x_ptr.dtype.element_ty  # bf16 or fp16: every rounding below is to it
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
@@ -85,6 +85,7 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, col_scale: tor
     rows, cols = x.shape
     block = triton.next_power_of_2(cols)
     kernel = launcher(_quantize_tokens_kernel) if launcher is not None else _quantize_tokens_kernel
+    # without col_scale its pointer is x's, never read (COL_SCALE is a compile-time False)
     kernel[(rows,)](x, x if col_scale is None else col_scale, q, scale, cols, x.stride(0), q.stride(0),
                     FP8_MAX=FP8_MAX, INV_MAX=torch.finfo(x.dtype).max, BLOCK=block, GELU=gelu,
                     COL_SCALE=col_scale is not None,
@@ -94,7 +95,7 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, col_scale: tor
 if triton is not None and hasattr(torch.library, "triton_op"):  # torch >= 2.6
     @torch.library.triton_op("wantune::quantize_tokens", mutates_args=())
     def _quantize_tokens_op(x: torch.Tensor, col_scale: Optional[torch.Tensor],
-                          gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                            gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
         calls["rows"] += 1
         calls["gelu"] += int(gelu)
         q = torch.empty(x.shape, device=x.device, dtype=torch.float8_e4m3fn)
@@ -104,7 +105,7 @@ if triton is not None and hasattr(torch.library, "triton_op"):  # torch >= 2.6
 
 
 def quantize_tokens(x: torch.Tensor, col_scale: torch.Tensor | None = None,
-                  gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_tokens(x)` for a 2-D half-precision x on a GPU, in one pass: (float8 e4m3
     [rows, cols], float32 scale [rows, 1]); with `gelu`, of `gelu_tanh(x)`; with `col_scale`
     ([cols]), of `x * col_scale` (both rounded to x's dtype). A custom op, so a compiled block
