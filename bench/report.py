@@ -196,13 +196,20 @@ def code_label(env: dict) -> str:
     return label + (f" with changes (tree {env['code_tree']})" if env.get("code_changed") else "")
 
 
+def attention_label(env: dict) -> str:
+    """The attention packages the run had: flash-attn (2/3) and flash-attn-4 are separate wheels."""
+    fa4 = env.get("flash_attn_4")
+    return (f"flash-attn {env.get('flash_attn') or 'not installed'}, "
+            f"flash-attn-4 {fa4 + ' (cutlass-dsl ' + str(env.get('nvidia_cutlass_dsl')) + ')' if fa4 else 'not installed'}")
+
+
 def markdown_table(results: dict) -> str:
     env = results["env"]
     mm = results["cases"].get("matmul", {})
     lines = [
         f"Device: {env['device']} (driver {env.get('driver')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}); "
         f"torch {env['torch']}, diffusers {env.get('diffusers')}, peft {env.get('peft')}, "
-        f"flash-attn {env.get('flash_attn') or 'not installed'}; {env['date']}; {code_label(env)}.",
+        f"{attention_label(env)}; {env['date']}; {code_label(env)}.",
         f"Command: `{env.get('command')}`.",
         f"bf16 matmul rate measured in the same run: {mm.get('tflops', float('nan')):.0f} TFLOP/s "
         "(the MFU denominator). TFLOP/s counts model FLOPs (see bench/NOTES.md: LoRA = 2x forward "

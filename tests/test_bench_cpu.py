@@ -293,3 +293,14 @@ def test_the_record_names_the_code_that_ran(tmp_path):
     assert code_label(changed) == f"commit {clean['commit']} with changes (tree {changed['code_tree']})"
     assert code_version(tmp_path / "ignored")["commit"] == git("rev-parse", "--short", "HEAD")
     assert code_version(tmp_path.parent / "nowhere") == {"commit": None}
+
+
+def test_the_table_names_the_attention_packages_that_ran():
+    """A run with FlashAttention 4 (its own wheel, `flash_attn_4`) says so in the table's header,
+    beside flash-attn 2/3; a run without either says neither is installed."""
+    from wantune.bench.report import attention_label
+
+    fa4 = {"flash_attn": None, "flash_attn_4": "4.0.0b36", "nvidia_cutlass_dsl": "4.8.1"}
+    assert attention_label(fa4) == "flash-attn not installed, flash-attn-4 4.0.0b36 (cutlass-dsl 4.8.1)"
+    assert attention_label({"flash_attn": "2.8.3"}) == "flash-attn 2.8.3, flash-attn-4 not installed"
+    assert attention_label({}) == "flash-attn not installed, flash-attn-4 not installed"
