@@ -178,9 +178,9 @@ def fa4_cases() -> list[Case]:
              reference="ref-lora-1.3B-81-cudnn", estimate_s=110, default=False),
         Case("lora-1.3B-81-fp8-gemm-fa4", "ours", "1.3B LoRA r32 832x480x81, float8 GEMMs, FlashAttention 4",
              settings=[gemm], reference="ref-lora-1.3B-81-cudnn", estimate_s=110, default=False),
-        Case("lora-1.3B-81-fp8-gemm-fa4-rows", "ours", "1.3B LoRA r32 832x480x81, float8 GEMMs, FlashAttention 4, "
-             "their inputs and gradients quantised in one Triton pass per row",
-             settings=[with_changes(gemm, fp8_quant_kernel=True)], reference="ref-lora-1.3B-81-cudnn",
+        Case("lora-1.3B-81-fp8-gemm-fa4-inductor", "ours", "1.3B LoRA r32 832x480x81, float8 GEMMs, FlashAttention "
+             "4, their inputs and gradients quantised by Inductor (what the -fa4 cases timed until 2026-12-02)",
+             settings=[with_changes(gemm, fp8_quant_kernel=False)], reference="lora-1.3B-81-fp8-gemm-fa4",
              estimate_s=110, default=False),
         Case("lora-14B-81-fa4", "ours", "14B LoRA r32 832x480x81, FlashAttention 4", flavour="t2v-14B",
              settings=[with_changes(fa4, selective_blocks=8)], reference="ref-lora-14B-81-cudnn",
@@ -188,10 +188,11 @@ def fa4_cases() -> list[Case]:
         Case("lora-14B-81-fp8-gemm-fa4", "ours", "14B LoRA r32 832x480x81, float8 GEMMs, FlashAttention 4",
              flavour="t2v-14B", settings=[with_changes(gemm, selective_blocks=n) for n in (-1, 24, 8)],
              reference="ref-lora-14B-81-cudnn", estimate_s=170, default=False),
-        Case("lora-14B-81-fp8-gemm-fa4-rows", "ours", "14B LoRA r32 832x480x81, float8 GEMMs, FlashAttention 4, "
-             "their inputs and gradients quantised in one Triton pass per row", flavour="t2v-14B",
-             settings=[with_changes(gemm, selective_blocks=n, fp8_quant_kernel=True) for n in (-1, 24, 8)],
-             reference="ref-lora-14B-81-cudnn", estimate_s=170, default=False),
+        Case("lora-14B-81-fp8-gemm-fa4-inductor", "ours", "14B LoRA r32 832x480x81, float8 GEMMs, FlashAttention 4, "
+             "their inputs and gradients quantised by Inductor (what the -fa4 case timed until 2026-12-02)",
+             flavour="t2v-14B", reference="lora-14B-81-fp8-gemm-fa4",
+             settings=[with_changes(gemm, selective_blocks=n, fp8_quant_kernel=False) for n in (-1, 24, 8)],
+             estimate_s=170, default=False),
         Case("full-1.3B-81-fa4", "ours", "1.3B full fine-tune 832x480x81, FlashAttention 4",
              settings=[full], reference="full-1.3B-81", estimate_s=70, default=False),
         Case("sample-ours-fa4", "sample-ours", "our sampler, 1.3B, 832x480x81, UniPC + CFG 5, "

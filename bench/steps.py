@@ -39,7 +39,7 @@ class StepSettings:
     base_dtype: str = "bf16"  # bf16 | fp8 (LoRA) ; full fine-tuning keeps fp32 master weights
     fp8_matmul: bool = False  # with base_dtype fp8: float8 GEMMs (train.fp8_matmul)
     fp8_fast_accum: bool = True  # their forward accumulation (train.fp8_fast_accum)
-    fp8_quant_kernel: bool = False  # their inputs quantised by one Triton pass per row (train.fp8_quant_kernel)
+    fp8_quant_kernel: bool = True  # their inputs quantised by one Triton pass per row (train.fp8_quant_kernel)
     block_swap: int = 0
     segments: bool = False  # full checkpointing recomputed a segment at a time (train.checkpoint_segments)
     compile: bool = False

@@ -299,11 +299,11 @@ def test_trainer_builds_fp8_matmul_only_on_an_fp8_lora_base():
     t.base_dtype, t.fp8_matmul = "fp8", True
     model, _ = build_model(r, "cpu", load=load)
     f8 = [m for m in model.modules() if isinstance(m, FP8Linear)]
-    assert f8 and all(m.fp8_matmul and m.fast_accum and not m.quant_kernel for m in f8)
-    t.fp8_quant_kernel = True
-    model, _ = build_model(r, "cpu", load=load)
-    assert all(m.quant_kernel for m in model.modules() if isinstance(m, FP8Linear))
+    assert f8 and all(m.fp8_matmul and m.fast_accum and m.quant_kernel for m in f8)  # the defaults
     t.fp8_quant_kernel = False
+    model, _ = build_model(r, "cpu", load=load)
+    assert not any(m.quant_kernel for m in model.modules() if isinstance(m, FP8Linear))
+    t.fp8_quant_kernel = True
     t.fp8_fast_accum = False
     model, _ = build_model(r, "cpu", load=load)
     assert not any(m.fast_accum for m in model.modules() if isinstance(m, FP8Linear))
@@ -311,9 +311,9 @@ def test_trainer_builds_fp8_matmul_only_on_an_fp8_lora_base():
     assert any("train.fp8_matmul=true needs LoRA with train.base_dtype=fp8" in p for p in r.problems())
     t.base_dtype, t.fp8_matmul = "fp8", False
     assert any("train.fp8_fast_accum=false only applies to float8 GEMMs" in p for p in r.problems())
-    t.fp8_fast_accum, t.fp8_quant_kernel = True, True
-    assert any("train.fp8_quant_kernel=true quantises the float8 GEMMs' inputs" in p for p in r.problems())
-    t.fp8_quant_kernel = False
+    t.fp8_fast_accum, t.fp8_quant_kernel = True, False
+    assert any("train.fp8_quant_kernel=false only applies to float8 GEMMs" in p for p in r.problems())
+    t.fp8_quant_kernel = True
     assert not any("fp8" in p for p in r.problems())
 
 

@@ -91,7 +91,7 @@ def run_case(case: Case, opts: Options, budget_left: float) -> dict:
         raise RuntimeError(f"{case.name}: attention fa4 asked for, but FlashAttention 4 never ran")
     if case.fused_gelu and cuda and not gelu:
         raise RuntimeError(f"{case.name}: the fused GELU kernel asked for, but it never ran")
-    if (case.quant_kernel or any(s.fp8_quant_kernel for s in case.settings)) and cuda and rows == gelu:
+    if (case.quant_kernel or any(s.fp8_matmul and s.fp8_quant_kernel for s in case.settings)) and cuda and rows == gelu:
         raise RuntimeError(f"{case.name}: the Triton quantisation kernel asked for, but it never ran")
     if ran:
         out["fa4_forward_calls"] = ran

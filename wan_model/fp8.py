@@ -35,9 +35,10 @@ The per-token quantisations can run as one Triton pass per row (`FP8Linear.quant
 of 1,536 to 13,824 twice and recomputes what produced it; at inference the FFN's second Linear
 can take its input's GELU into that pass too (`feed_forward`, `FP8Linear.fused_gelu`). Measured
 on an H200 (BENCHMARKS.md): the fused GELU takes 22 ms off a 0.91 s sampling step (the sampler
-uses it with float8 GEMMs); the plain pass saves no time in a compiled training step (Inductor
-quantises inside the kernel that makes the input; a separate pass reads it again) but 0.8 GiB
-of its peak, so it stays an option (`train.fp8_quant_kernel`).
+uses it with float8 GEMMs); in a compiled training step the plain pass takes 0.2-1.2% off
+(Inductor quantises inside the kernel that makes the input, so a separate pass reads it again,
+but in one pass) and 0.8 GiB (1.3B) to 1.3 GiB (14B) off the peak: the trainer's default with
+float8 GEMMs (`train.fp8_quant_kernel`; this module's own default stays the torch path).
 
 Call `quantize_linears_(model)` after loading and before or after `add_lora`; do not call
 `model.to(dtype)` afterwards (it would cast the float8 weights like any float tensor).
