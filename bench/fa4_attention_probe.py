@@ -10,17 +10,18 @@ cuDNN through torch SDPA, same inputs, one GPU:
 - error of the output against float32 attention on the first 1,024 queries (all 32,760 keys);
 - error of the three input gradients against float32 attention at 4,096 tokens.
 
-    python3 bench/fa4_attention_probe.py [--out probe.json]
+    PYTHONPATH=. python3 bench/fa4_attention_probe.py [--out probe.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from wantune.bench.timing import median_ms
 
 TOKENS, HEAD_DIM = 32760, 128
 SHAPES = [("1.3B self-attention", 1, 12, True), ("1.3B sampling, cond+uncond", 2, 12, False),
@@ -44,18 +45,8 @@ def exact(q, k, v):
         return F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
 
 
-def timed(fn, reps=10, warm=3) -> float:
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def timed(fn) -> float:
+    return median_ms(fn, reps=10, warm=3)
 
 
 def inputs(b, h, n, grad=False, seed=0):

@@ -10,17 +10,17 @@ each as `torch.compile` of the torch ops and as the kernel, with the bytes each 
 read of the input, one float8 write) and the rate that gives, and the share of float8 bytes and
 scales equal to eager torch's.
 
-    python3 bench/fp8_kernel_probe.py [--out probe.json]
+    PYTHONPATH=. python3 bench/fp8_kernel_probe.py [--out probe.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 
+from wantune.bench.timing import median_ms
 from wan_model import fp8_triton
 from wan_model.fp8 import quantize_tokens
 
@@ -46,20 +46,6 @@ def kernel_form(form):
     return lambda x, s: fp8_triton.quantize_tokens(x, s if form == "col_scale" else None, gelu=form == "gelu")
 
 
-def timed(fn, reps=20, warm=5) -> float:
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def row(name, rows, cols, form) -> dict:
     g = torch.Generator("cuda").manual_seed(0)
     x = torch.randn(rows, cols, device="cuda", generator=g, dtype=torch.bfloat16) * 3
@@ -69,7 +55,7 @@ def row(name, rows, cols, form) -> dict:
     eager = torch_form(form)(x, s)
     compiled = torch.compile(torch_form(form), dynamic=False)
     for label, fn in (("inductor", compiled), ("kernel", kernel_form(form))):
-        ms = timed(lambda: fn(x, s))
+        ms = median_ms(lambda: fn(x, s))
         out[f"{label}_ms"] = round(ms, 4)
         out[f"{label}_gb_s"] = round(moved / ms / 1e6, 0)
         q, sc = fn(x, s)
@@ -86,7 +72,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available() or not fp8_triton.available(torch.zeros(1, device="cuda")):
         raise SystemExit("fp8_kernel_probe: needs a CUDA GPU with Triton")
     src, dst = (torch.ones(1 << 30, dtype=torch.uint8, device="cuda") for _ in range(2))
-    copy_ms = timed(lambda: dst.copy_(src))  # what this GPU's memory moves: read + write
+    copy_ms = median_ms(lambda: dst.copy_(src))  # what this GPU's memory moves: read + write
     del src, dst
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "copy_gb_s": round(2 * (1 << 30) / copy_ms / 1e6, 0), "rows": []}

@@ -73,6 +73,14 @@ def time_call(fn, device: torch.device) -> float:
     return timer.intervals()[0]
 
 
+def median_ms(fn, reps: int = 20, warm: int = 5, device: torch.device = torch.device("cuda")) -> float:
+    """Milliseconds for one call of `fn` (a kernel probe's unit): after `warm` calls, the median of
+    `reps` calls timed one at a time with device events."""
+    for _ in range(warm):
+        fn()
+    return 1000.0 * statistics.median(time_call(fn, device) for _ in range(reps))
+
+
 def matmul_rate(device: torch.device, n: int, dtype: torch.dtype, repeats: int = 10) -> dict:
     """Achieved rate of an n^3 matrix product (random normal operands, two sets alternated)."""
     g = torch.Generator(device=device).manual_seed(0)

@@ -304,3 +304,22 @@ def test_the_table_names_the_attention_packages_that_ran():
     assert attention_label(fa4) == "flash-attn not installed, flash-attn-4 4.0.0b36 (cutlass-dsl 4.8.1)"
     assert attention_label({"flash_attn": "2.8.3"}) == "flash-attn 2.8.3, flash-attn-4 not installed"
     assert attention_label({}) == "flash-attn not installed, flash-attn-4 not installed"
+
+
+def test_median_ms_is_milliseconds_per_call():
+    """The kernel probes' timer: one call's time in milliseconds (a 20 ms sleep reads as ~20),
+    the median over the timed calls, the warm-up calls not timed."""
+    import time
+
+    import torch
+
+    from wantune.bench.timing import median_ms
+
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.02 if len(calls) > 2 else 0.5)  # slow warm-up calls must not count
+
+    ms = median_ms(fn, reps=3, warm=2, device=torch.device("cpu"))
+    assert len(calls) == 5 and 15 < ms < 150, (len(calls), ms)
