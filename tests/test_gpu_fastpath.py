@@ -135,6 +135,36 @@ def test_quant_kernel_is_the_float8_gemm_path():
     assert rel_loss < 1e-2 and cos > 0.995, (rel_loss, rel_grad, cos)
 
 
+def test_quant_kernel_across_token_counts():
+    """A corpus has several buckets, so the compiled blocks meet several token counts, and from
+    the second Dynamo compiles them with a symbolic one: the kernel (the default with float8
+    GEMMs) must trace into that graph too. Three clip lengths (9,360, 6,240 and 7,800 tokens)
+    through one compiled model with the kernel and one eager model quantising in torch ops, the
+    same weights, batch and noise: each loss and gradient as close as at one shape."""
+    from wan_model import fp8_triton
+
+    kernel = make_step(with_changes(FAST, base_dtype="fp8", fp8_matmul=True))
+    torch_ops = make_step(with_changes(FP8_GEMM, fp8_quant_kernel=False))
+    traced = []
+    for i, frames in enumerate((21, 13, 17)):
+        batch = make_batch(CFG, SIZE[0], SIZE[1], frames, "cuda", seed=3 + i)
+        results = []
+        for step in (kernel, torch_ops):
+            step.batch, step.context = batch, batch.context.to(torch.bfloat16)
+            step.generator.manual_seed(11 + i)
+            loss = step.loss()
+            loss.backward()
+            results.append((loss.item(), {n: p.grad.detach().float().clone()
+                                          for n, p in step.model.named_parameters() if p.requires_grad}))
+            step.optimizer.zero_grad(set_to_none=True)
+        traced.append(fp8_triton.calls["rows"])
+        rel_loss, rel_grad, cos = compare(*results)
+        print(f"{frames} frames: quant kernel (compiled) vs float8 eager: loss {rel_loss:.2e}, "
+              f"LoRA grads {rel_grad:.2e}, cosine {cos:.6f}")
+        assert rel_loss < 1e-2 and cos > 0.995, (frames, rel_loss, rel_grad, cos)
+    assert traced[1] > traced[0], traced  # the second shape compiled again, with the kernel traced in
+
+
 def test_fp8_gemm_200_step_loss_curve_follows_bf16():
     """The numerics guard of the float8 GEMM lever: 200 LoRA steps (lr 1e-3, fresh noise and
     noise level each step) follow the bf16 fast path's loss curve step by step and end at the
