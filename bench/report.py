@@ -199,8 +199,8 @@ def code_label(env: dict) -> str:
 def attention_label(env: dict) -> str:
     """The attention packages the run had: flash-attn (2/3) and flash-attn-4 are separate wheels."""
     fa4 = env.get("flash_attn_4")
-    return (f"flash-attn {env.get('flash_attn') or 'not installed'}, "
-            f"flash-attn-4 {fa4 + ' (cutlass-dsl ' + str(env.get('nvidia_cutlass_dsl')) + ')' if fa4 else 'not installed'}")
+    fa4 = f"{fa4} (cutlass-dsl {env.get('nvidia_cutlass_dsl')})" if fa4 else "not installed"
+    return f"flash-attn {env.get('flash_attn') or 'not installed'}, flash-attn-4 {fa4}"
 
 
 def markdown_table(results: dict) -> str:
